@@ -1,0 +1,6 @@
+"""HF checkpoint I/O: memory-mapped reading, streamed sharded writing, tensor naming."""
+
+from evomerge.checkpoint.reader import Checkpoint
+from evomerge.checkpoint.writer import CheckpointWriter, TensorSpec
+
+__all__ = ["Checkpoint", "CheckpointWriter", "TensorSpec"]

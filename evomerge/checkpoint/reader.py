@@ -1,0 +1,219 @@
+"""Read HF checkpoints one tensor at a time from memory-mapped safetensors files.
+
+Only the tensor asked for is touched; after it is copied out, its pages are released from this
+process (madvise DONTNEED), so resident memory stays near one tensor per source however large the
+model. Pickle ``.bin`` weights are refused unless ``allow_pickle=True`` (then ``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from evomerge.errors import CheckpointError
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+_PAGE = mmap.PAGESIZE
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorMeta]:
+    """Parse a safetensors header without reading tensor data."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise CheckpointError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            (n,) = struct.unpack("<Q", raw)
+            size = os.fstat(f.fileno()).st_size
+            if n > size - 8 or n > 100_000_000:
+                raise CheckpointError(f"{path}: corrupt safetensors header (length {n}, file {size} bytes)")
+            header = json.loads(f.read(n))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read safetensors header: {e}") from e
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info.get("dtype") not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {info.get('dtype')}")
+        s, e = info["data_offsets"]
+        if 8 + n + e > size:
+            raise CheckpointError(f"{path}: tensor '{name}' extends past the end of the file (truncated?)")
+        out[name] = TensorMeta(path, SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + s, 8 + n + e)
+    return out
+
+
+class Checkpoint:
+    """An HF checkpoint directory: config, tokenizer files and lazily read tensors."""
+
+    def __init__(self, path: str | os.PathLike, *, allow_pickle: bool = False):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise CheckpointError(f"checkpoint '{self.path}' does not exist")
+        if not self.path.is_dir():
+            raise CheckpointError(f"checkpoint '{self.path}' is not a directory")
+        cfg = self.path / "config.json"
+        if not cfg.is_file():
+            raise CheckpointError(f"checkpoint '{self.path}' has no config.json")
+        try:
+            self.config: dict = json.loads(cfg.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{cfg}: invalid JSON: {e}") from e
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._pickled: dict[Path, dict] = {}
+        self._meta = self._index(allow_pickle)
+
+    # ------------------------------------------------------------------ discovery
+    def _index(self, allow_pickle: bool) -> dict[str, TensorMeta]:
+        p = self.path
+        index = p / "model.safetensors.index.json"
+        if index.is_file():
+            files = sorted(set(self._weight_map(index).values()))
+            meta: dict[str, TensorMeta] = {}
+            for fname in files:
+                shard = p / fname
+                if not shard.is_file():
+                    raise CheckpointError(f"{index} names shard '{fname}', which is missing")
+                meta.update(read_safetensors_header(shard))
+            return meta
+        single = p / "model.safetensors"
+        if single.is_file():
+            return read_safetensors_header(single)
+        others = sorted(p.glob("*.safetensors"))
+        if others:
+            meta = {}
+            for shard in others:
+                meta.update(read_safetensors_header(shard))
+            return meta
+        bins = sorted(p.glob("pytorch_model*.bin"))
+        if bins:
+            if not allow_pickle:
+                raise CheckpointError(
+                    f"checkpoint '{p}' has only pickle weights ({bins[0].name}); pickle can run code, so it is "
+                    "refused. Convert it to safetensors, or pass --allow-pickle to load it with weights_only=True")
+            meta = {}
+            for b in bins:
+                try:
+                    sd = torch.load(b, map_location="cpu", weights_only=True, mmap=True)
+                except Exception as e:  # noqa: BLE001 - torch raises many types here
+                    raise CheckpointError(f"{b}: cannot load with weights_only=True: {e}") from e
+                self._pickled[b] = sd
+                for k, v in sd.items():
+                    meta[k] = TensorMeta(b, v.dtype, tuple(v.shape), 0, 0)
+            return meta
+        raise CheckpointError(f"checkpoint '{p}' has no weights (*.safetensors or pytorch_model*.bin)")
+
+    @staticmethod
+    def _weight_map(index: Path) -> dict[str, str]:
+        try:
+            return json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def names(self) -> list[str]:
+        return list(self._meta)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._meta
+
+    def meta(self, name: str) -> TensorMeta:
+        try:
+            return self._meta[name]
+        except KeyError:
+            raise CheckpointError(f"checkpoint '{self.path}' has no tensor '{name}'") from None
+
+    @property
+    def architecture(self) -> str:
+        archs = self.config.get("architectures") or [self.config.get("model_type", "unknown")]
+        return str(archs[0])
+
+    @property
+    def num_layers(self) -> int:
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if key in self.config:
+                return int(self.config[key])
+        raise CheckpointError(f"{self.path}/config.json has no num_hidden_layers")
+
+    @property
+    def nbytes(self) -> int:
+        return sum((m.end - m.start) for m in self._meta.values())
+
+    # ------------------------------------------------------------------ data
+    def _map(self, file: Path) -> mmap.mmap:
+        mm = self._maps.get(file)
+        if mm is None:
+            with open(file, "rb") as f:
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._maps[file] = mm
+        return mm
+
+    def view(self, name: str) -> torch.Tensor:
+        """Zero-copy tensor over the mapped file (valid while this Checkpoint is open; do not write)."""
+        m = self.meta(name)
+        if m.file in self._pickled:
+            return self._pickled[m.file][name]
+        count = 1
+        for d in m.shape:
+            count *= d
+        if count == 0:
+            return torch.empty(m.shape, dtype=m.dtype)
+        t = torch.frombuffer(self._map(m.file), dtype=m.dtype, count=count, offset=m.start)
+        return t.view(m.shape)
+
+    def get(self, name: str, dtype: torch.dtype | None = torch.float32,
+            device: torch.device | str = "cpu") -> torch.Tensor:
+        """An owned copy of tensor ``name`` (cast to ``dtype`` unless None), releasing its mapped pages."""
+        m = self.meta(name)
+        src = self.view(name)
+        out = src.to(device=device, dtype=dtype or src.dtype, copy=True)
+        self.release(m)
+        return out
+
+    def release(self, m: TensorMeta) -> None:
+        mm = self._maps.get(m.file)
+        if mm is None or not hasattr(mm, "madvise"):
+            return
+        start = (m.start // _PAGE) * _PAGE
+        length = m.end - start
+        if length > 0:
+            mm.madvise(mmap.MADV_DONTNEED, start, length)
+
+    def close(self) -> None:
+        for mm in self._maps.values():
+            try:
+                mm.close()
+            except BufferError:
+                pass  # a view is still alive; the map closes when it is collected
+        self._maps.clear()
+        self._pickled.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint('{self.path}', {len(self._meta)} tensors)"

@@ -1,0 +1,81 @@
+"""Command line: ``evomerge merge RECIPE -o OUT``, ``evomerge methods``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from evomerge.errors import EvomergeError
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from evomerge.checkpoint.writer import parse_size
+    from evomerge.merge import run_merge
+    from evomerge.plan import build_plan
+    from evomerge.recipe import load_recipe
+
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise EvomergeError(f"--device {args.device} was asked for, but CUDA is not available here")
+    recipe, root = load_recipe(args.recipe)
+    plan = build_plan(recipe, root, seed=args.seed, allow_pickle=args.allow_pickle)
+    try:
+        out = run_merge(plan, args.output, device=args.device, max_shard_bytes=parse_size(args.shard_size),
+                        overwrite=args.overwrite, progress=not args.quiet)
+    finally:
+        plan.close()
+    print(f"wrote {out} ({len(plan.jobs)} tensors, recipe {recipe.content_hash()[:12]})")
+    return 0
+
+
+def _methods(args: argparse.Namespace) -> int:
+    from evomerge.kernels import methods
+    from evomerge.kernels.params import describe
+
+    for m in methods().values():
+        print(f"{m.name}: {m.summary}" + (" [randomized]" if m.randomized else ""))
+        if m.paper:
+            print(f"    paper: {m.paper}")
+        for scope, model in (("per model", m.model_params), ("global", m.global_params)):
+            for p in describe(model):
+                bounds = f"[{p.low}, {p.high}]" if p.low is not None or p.high is not None else ""
+                print(f"    {scope:9s} {p.name} = {p.default!r} {bounds}  {p.doc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evomerge", description="Evolutionary model merging for LLMs")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("merge", help="merge models as a recipe (evomerge or mergekit YAML) says")
+    m.add_argument("recipe", help="recipe YAML file")
+    m.add_argument("-o", "--output", required=True, help="output checkpoint directory")
+    m.add_argument("--device", default="cpu", help="compute device: cpu (default), cuda, cuda:1 ...")
+    m.add_argument("--seed", type=int, default=None, help="seed for randomized methods (overrides the recipe)")
+    m.add_argument("--shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB (default 5GB)")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
+    m.add_argument("--allow-pickle", action="store_true", help="read pickle .bin weights (weights_only=True)")
+    m.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    m.set_defaults(func=_merge)
+
+    ls = sub.add_parser("methods", help="list merge methods and their parameters")
+    ls.set_defaults(func=_methods)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except EvomergeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written to the output path", file=sys.stderr)
+        return 130
