@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import model_validator
-
 from evomerge.kernels.params import MethodParams, param
 from evomerge.kernels.registry import TensorContext, register
 from evomerge.kernels.select import exact_count, generator, top_k_mask
@@ -47,13 +45,8 @@ class DellaParams(DropParams):
 
 
 class BreadcrumbsParams(DensityParams):
-    gamma: float = param(0.01, ge=0.0, le=1.0, search=(0.0, 0.1), doc="fraction of largest-magnitude entries dropped")
-
-    @model_validator(mode="after")
-    def _fits(self):
-        if self.density + self.gamma > 1.0 + 1e-9:
-            raise ValueError(f"density + gamma must be <= 1 (got {self.density} + {self.gamma})")
-        return self
+    gamma: float = param(0.01, ge=0.0, le=1.0, search=(0.0, 0.1),
+                         doc="fraction of largest-magnitude entries dropped (density 1 keeps everything)")
 
 
 class SumParams(MethodParams):
@@ -170,6 +163,8 @@ class MagnitudeBand(Sparsifier):
 
     def apply(self, ts, mps, gp, ctx):
         for t, mp in zip(ts, mps, strict=True):
+            if mp.density >= 1.0:
+                continue
             n = t.numel()
             n_top = exact_count(mp.gamma, n)
             n_bottom = exact_count(max(0.0, 1.0 - mp.density - mp.gamma), n)

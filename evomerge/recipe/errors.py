@@ -37,9 +37,17 @@ def _inner_model(ann):
 
 def explain(err: ValidationError, model: type[BaseModel], where: str) -> RecipeError:
     """One RecipeError listing every problem as 'where: key.path: message'."""
+    from evomerge.recipe.values import VALUE_FORMS
+
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
+        if "parameters" in loc:
+            # A parameter value failed every form of the union: one line, not one per form.
+            cut = loc.index("parameters") + 2
+            if len(loc) > cut:
+                lines.append(f"{'.'.join(map(str, loc[:cut]))}: expected {VALUE_FORMS}")
+                continue
         path = ".".join(str(p) for p in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             allowed = _fields_at(model, loc)

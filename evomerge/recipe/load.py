@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import yaml
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from evomerge.errors import RecipeError
 from evomerge.kernels.registry import get_method
 from evomerge.recipe.errors import explain
 from evomerge.recipe.mergekit import from_mergekit
 from evomerge.recipe.schema import Recipe
+from evomerge.recipe.values import Conditional, Groups
 
 
 def parse_recipe(data: object, where: str = "recipe") -> Recipe:
@@ -41,11 +43,31 @@ def check_parameter_names(recipe: Recipe, where: str) -> None:
             groups.append((f"slices[{i}].sources[{k}].parameters", src.parameters, model_keys))
     for k, src in enumerate(recipe.sources or []):
         groups.append((f"sources[{k}].parameters", src.parameters, model_keys))
+    fields = {**method.global_params.model_fields, **method.model_params.model_fields}
     for path, params, allowed in groups:
-        for key in params:
+        for key, value in params.items():
             if key not in allowed:
                 raise RecipeError(f"{where}: {path}: unknown parameter '{key}' for method '{method.name}' "
                                   f"(allowed: {', '.join(sorted(allowed)) or 'none'})")
+            field = fields[key]
+            adapter = TypeAdapter(Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation)
+            for leaf in _leaves(value):
+                try:
+                    adapter.validate_python(leaf)
+                except ValidationError as e:
+                    msg = e.errors()[0]["msg"]
+                    raise RecipeError(f"{where}: {path}.{key}: {leaf!r} is not accepted: {msg}") from None
+
+
+def _leaves(value):
+    """Every plain value inside a parameter value (gradient knots, groups, conditional values)."""
+    if isinstance(value, Groups):
+        yield from value.groups
+    elif isinstance(value, list):
+        for v in value:
+            yield from _leaves(v.value if isinstance(v, Conditional) else v)
+    else:
+        yield value
 
 
 def load_recipe(path: str | Path) -> tuple[Recipe, Path]:

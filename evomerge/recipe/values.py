@@ -27,7 +27,7 @@ class Groups(_Strict):
     groups: list[float] = Field(min_length=1)
 
 
-Plain = Union[bool, float, list[float], Groups]  # noqa: UP007 - pydantic smart union order
+Plain = Union[bool, float, str, list[float], Groups]  # noqa: UP007 - pydantic smart union order
 
 
 class Conditional(_Strict):
@@ -35,7 +35,8 @@ class Conditional(_Strict):
     value: Plain
 
 
-ParamValue = Union[bool, float, list[float], Groups, list[Conditional]]  # noqa: UP007
+ParamValue = Union[bool, float, str, list[float], Groups, list[Conditional]]  # noqa: UP007
+VALUE_FORMS = "a number, true/false, a name, a list of numbers (gradient), {groups: [...]} or a list of {filter, value}"
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,8 @@ class Where:
     num_layers: int  # layers in the slice
 
 
-def _plain(value, where: Where) -> float | bool:
-    if isinstance(value, bool):
+def _plain(value, where: Where) -> float | bool | str:
+    if isinstance(value, (bool, str)):
         return value
     if isinstance(value, (int, float)):
         return float(value)
@@ -80,7 +81,7 @@ def matches(filter_: str | None, where: Where, substring_only: bool) -> bool:
     return filter_ in where.name
 
 
-def resolve(value: ParamValue, where: Where, *, substring_only: bool = False) -> float | bool | None:
+def resolve(value: ParamValue, where: Where, *, substring_only: bool = False) -> float | bool | str | None:
     """The value for one tensor, or None if a conditional list has no matching entry."""
     if isinstance(value, list) and value and isinstance(value[0], Conditional):
         for cond in value:
