@@ -46,6 +46,15 @@ def _methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from evomerge.demo import run_demo
+
+    run_demo(Path(args.out), seed=args.seed)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evomerge", description="Evolutionary model merging for LLMs")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -64,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("methods", help="list merge methods and their parameters")
     ls.set_defaults(func=_methods)
+    d = sub.add_parser("demo", help="build tiny local models, merge them, generate with the result")
+    d.add_argument("--out", default="demo-out", help="working directory (default demo-out)")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=_demo)
     return parser
 
 

@@ -7,6 +7,7 @@ result and the kernel's temporaries, about (sources + 2) x the largest tensor.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -19,7 +20,9 @@ log = logging.getLogger(__name__)
 
 
 def _finite(t: torch.Tensor, what: str) -> None:
-    if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+    # A sum is one fast pass and any NaN/inf makes it non-finite; only then run the exact (slower) check,
+    # since a huge finite tensor can also overflow the sum.
+    if t.dtype.is_floating_point and not math.isfinite(float(t.sum())) and not bool(torch.isfinite(t).all()):
         raise NonFiniteError(f"{what} contains NaN or infinity")
 
 
@@ -61,6 +64,9 @@ def run_merge(plan: MergePlan, out_dir: str | Path, *, device: str = "cpu", max_
     """Merge every tensor of ``plan`` into a new HF checkpoint at ``out_dir``; nothing is left there on error."""
     from tqdm.auto import tqdm
 
+    from evomerge.util.memory import reuse_large_allocations
+
+    reuse_large_allocations()
     writer = CheckpointWriter(out_dir, [j.out for j in plan.jobs], max_shard_bytes=max_shard_bytes,
                               overwrite=overwrite)
     try:

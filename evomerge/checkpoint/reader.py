@@ -1,8 +1,9 @@
-"""Read HF checkpoints one tensor at a time from memory-mapped safetensors files.
+"""Read HF checkpoints one tensor at a time from safetensors files (single or sharded).
 
-Only the tensor asked for is touched; after it is copied out, its pages are released from this
-process (madvise DONTNEED), so resident memory stays near one tensor per source however large the
-model. Pickle ``.bin`` weights are refused unless ``allow_pickle=True`` (then ``weights_only=True``).
+``get`` reads one tensor's bytes straight into a new tensor (no whole-file load); ``view`` maps the
+file and returns a zero-copy tensor over it, for readers that keep sources resident. Either way a
+merge never holds whole models in memory. Pickle ``.bin`` weights are refused unless
+``allow_pickle=True`` (then ``weights_only=True``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-_PAGE = mmap.PAGESIZE
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,7 @@ class Checkpoint:
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{cfg}: invalid JSON: {e}") from e
         self._maps: dict[Path, mmap.mmap] = {}
+        self._fds: dict[Path, int] = {}
         self._pickled: dict[Path, dict] = {}
         self._meta = self._index(allow_pickle)
 
@@ -184,23 +185,41 @@ class Checkpoint:
 
     def get(self, name: str, dtype: torch.dtype | None = torch.float32,
             device: torch.device | str = "cpu") -> torch.Tensor:
-        """An owned copy of tensor ``name`` (cast to ``dtype`` unless None), releasing its mapped pages."""
-        m = self.meta(name)
-        src = self.view(name)
-        out = src.to(device=device, dtype=dtype or src.dtype, copy=True)
-        self.release(m)
-        return out
+        """An owned copy of tensor ``name``, cast to ``dtype`` (None keeps the stored dtype).
 
-    def release(self, m: TensorMeta) -> None:
-        mm = self._maps.get(m.file)
-        if mm is None or not hasattr(mm, "madvise"):
-            return
-        start = (m.start // _PAGE) * _PAGE
-        length = m.end - start
-        if length > 0:
-            mm.madvise(mmap.MADV_DONTNEED, start, length)
+        Safetensors data is read with pread straight into the tensor's memory: no page of the file is
+        mapped into this process, so resident memory holds only the tensors asked for.
+        """
+        m = self.meta(name)
+        if m.file in self._pickled:
+            src = self._pickled[m.file][name]
+            return src.to(device=device, dtype=dtype or src.dtype, copy=True)
+        raw = torch.empty(m.shape, dtype=m.dtype)
+        nbytes = m.end - m.start
+        if nbytes:
+            buf = memoryview(raw.reshape(-1).view(torch.uint8).numpy())
+            fd = self._fd(m.file)
+            done = 0
+            while done < nbytes:
+                n = os.preadv(fd, [buf[done:]], m.start + done)
+                if n <= 0:
+                    raise CheckpointError(f"{m.file}: short read for tensor '{name}'")
+                done += n
+        if (dtype is None or dtype == m.dtype) and torch.device(device).type == "cpu":
+            return raw
+        return raw.to(device=device, dtype=dtype or m.dtype)
+
+    def _fd(self, file: Path) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = os.open(file, os.O_RDONLY)
+            self._fds[file] = fd
+        return fd
 
     def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
         for mm in self._maps.values():
             try:
                 mm.close()
