@@ -9,7 +9,7 @@
 # MERGEKIT_TORCH_INDEX=https://download.pytorch.org/whl/cpu to fetch the CPU wheel from PyTorch's index.
 #
 # mergekit==0.1.4 is the default: its merge-method code (merge_methods/, sparsify.py, plan.py, config.py)
-# is identical to upstream a6e4028, the commit /tmp/mergekit_semantics.md describes. 0.1.5 (a refactor)
+# is identical to upstream commit a6e4028, whose semantics evomerge/recipe/mergekit.py reproduces. 0.1.5 (a refactor)
 # changes semantics, e.g. it drops the breadcrumbs whole-tensor zeroing and lets ties keep >= 1 element
 # at tiny densities. PyPI's 0.1.4 predates mergekit's transformers-5 port and fails with transformers 5
 # ("ConfiguredModuleArchitecture is not fully defined"), so it gets transformers<5 (4.57.x); mergekit only
@@ -38,8 +38,7 @@ works() {
     "$VENV/bin/python" -W ignore -c '
 import mergekit.scripts.run_yaml, mergekit.merge
 from mergekit.architecture.base import ConfiguredModuleArchitecture as C
-assert C.__pydantic_complete__, "mergekit cannot plan merges with this transformers"' >/dev/null 2>&1 || return 1
-    "$VENV/bin/mergekit-yaml" --help >/dev/null 2>&1
+assert C.__pydantic_complete__, "mergekit cannot plan merges with this transformers"' >/dev/null 2>&1
 }
 
 if works; then
@@ -70,7 +69,7 @@ for pkg in torchvision torchaudio; do
     fi
 done
 
-if ! works; then
+if ! works || ! "$VENV/bin/mergekit-yaml" --help >/dev/null 2>&1; then
     echo "error: mergekit-yaml does not run in $VENV" >&2
     "$VENV/bin/mergekit-yaml" --help >&2 || true
     exit 1

@@ -239,3 +239,34 @@ def test_cli_merge_and_errors(tmp_path, zoo, capsys):
     assert main(["merge", str(r), "-o", str(tmp_path / "o"), "-q"]) == 2
     assert main(["merge", str(r), "-o", str(tmp_path / "o"), "-q", "--overwrite"]) == 0
     assert main(["methods"]) == 0 and "task_arithmetic" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "linear"])
+def test_chunked_elementwise_path_equals_whole_tensor_path(tmp_path, zoo, monkeypatch, method):
+    import evomerge.merge as m
+
+    text = recipe_for(zoo, method).replace(", density: [0.3, 0.9]", "").replace(", density: 0.5", "")
+    if method == "linear":
+        text = text.replace(f"base: {zoo['base']}\n", "")
+    else:
+        text += "depth_scaling: {alpha: 0.5, beta: 0.3}\n"
+    monkeypatch.setattr(m, "CHUNK", 1 << 30)  # whole tensors
+    whole, _ = merge(tmp_path, text, "whole")
+    monkeypatch.setattr(m, "CHUNK", 64)  # every tensor of 256+ float32 entries goes in chunks of 64
+    chunked, _ = merge(tmp_path, text, "chunked")
+    assert (whole / "model.safetensors").read_bytes() == (chunked / "model.safetensors").read_bytes()
+
+
+def test_nan_input_is_named_on_the_chunked_path(tmp_path, zoo, monkeypatch):
+    import evomerge.merge as m
+
+    monkeypatch.setattr(m, "CHUNK", 64)
+    bad = tmp_path / "inf"
+    shutil.copytree(zoo["e1"], bad)
+    sd = load_file(bad / "model.safetensors")
+    sd["model.layers.1.mlp.up_proj.weight"][3, 3] = float("inf")
+    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    text = f"method: task_arithmetic\nbase: {zoo['base']}\nsources: [{{model: {bad}, parameters: {{weight: 0.0}}}}]\n"
+    with pytest.raises(NonFiniteError, match=r"up_proj.weight' of model '.*inf' contains NaN or infinity"):
+        merge(tmp_path, text)
+    assert not (tmp_path / "out").exists()

@@ -18,7 +18,7 @@ class LinearParams(MethodParams):
     normalize: bool = param(True, doc="divide by the sum of weights")
 
 
-@register("linear", model_params=WeightParams, global_params=LinearParams, base="none",
+@register("linear", model_params=WeightParams, global_params=LinearParams, base="none", elementwise=True,
           paper="https://arxiv.org/abs/2203.05482", summary="weighted average sum w_i x_i / sum w_i")
 def linear(xs, base, mps, gp, ctx):
     out = xs[0].mul_(mps[0].weight)
@@ -76,7 +76,8 @@ def karcher(xs, base, mps, gp, ctx):
     live = [i for i, n in enumerate(norms) if n > 1e-12]
     if not live:
         return torch.zeros_like(xs[0])
-    w = weights[live] / weights[live].sum()
+    total = float(weights[live].sum())
+    w = weights[live] / (total if total != 0 else 1.0)  # a zero divisor becomes 1, as in linear
     mean_norm = float(sum(w[j] * norms[i] for j, i in enumerate(live)))
     units = [xs[i].reshape(-1).div(norms[i]) for i in live]
     if len(units) == 1:
@@ -125,7 +126,8 @@ def model_stock(xs, base, mps, gp, ctx):
     c = total / (n * (n - 1) / 2)
     if gp.clamp:
         c = c.clamp(0.0, 1.0)  # negative agreement counts as none; also avoids the pole at c = -1/(N-1)
-    s = (n * c / (1.0 + (n - 1) * c)).unsqueeze(-1)
+    denom = 1.0 + (n - 1) * c  # >= 0; 0 only at the pole c = -1/(N-1), reachable with clamp=False
+    s = torch.where(denom > 0, n * c / denom, 0.0).unsqueeze(-1)  # at the pole keep the base, not NaN
     mean = rows(sum(xs) / n)
     return (mean * s + rows(base) * (1.0 - s)).reshape(shape)
 
@@ -170,7 +172,7 @@ class ScaleParams(MethodParams):
     scale: float = param(1.0, ge=-10.0, le=10.0, search=(0.0, 2.0), doc="multiplier of the copied tensor")
 
 
-@register("passthrough", model_params=ScaleParams, global_params=NoParams, base="none", max_models=1,
+@register("passthrough", model_params=ScaleParams, global_params=NoParams, base="none", max_models=1, elementwise=True,
           summary="copy one model's tensor (layer slices pick which), optionally scaled")
 def passthrough(xs, base, mps, gp, ctx):
     return xs[0] if mps[0].scale == 1.0 else xs[0].mul_(mps[0].scale)

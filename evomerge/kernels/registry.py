@@ -12,7 +12,7 @@ validated per-model parameter object per source, ``global_params`` the validated
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from evomerge.errors import RecipeError
@@ -52,7 +52,7 @@ class MergeMethod:
     randomized: bool = False
     paper: str = ""
     summary: str = ""
-    aliases: tuple[str, ...] = field(default=())
+    elementwise: bool = False  # output entry i depends only on input entries i: safe to run in chunks
 
     def check_models(self, n_sources: int, has_base: bool) -> None:
         """Raise RecipeError if this method cannot merge ``n_sources`` models (with/without a base)."""
@@ -70,14 +70,14 @@ _REGISTRY: dict[str, MergeMethod] = {}
 def register(name: str, *, model_params: type[MethodParams] = NoParams,
              global_params: type[MethodParams] = NoParams, base: Literal["required", "none"] = "required",
              min_models: int = 1, max_models: int | None = None, randomized: bool = False, paper: str = "",
-             summary: str = "") -> Callable[[Callable], Callable]:
+             summary: str = "", elementwise: bool = False) -> Callable[[Callable], Callable]:
     """Decorator: register ``fn`` as merge method ``name``."""
 
     def deco(fn: Callable) -> Callable:
         if name in _REGISTRY:
             raise RuntimeError(f"merge method '{name}' registered twice")
         _REGISTRY[name] = MergeMethod(name, fn, model_params, global_params, base, min_models, max_models,
-                                      randomized, paper, summary)
+                                      randomized, paper, summary, elementwise)
         return fn
 
     return deco

@@ -159,19 +159,18 @@ class RankedDrop(Sparsifier):
 
 
 class MagnitudeBand(Sparsifier):
-    """Breadcrumbs: drop the top gamma and the bottom (1 - density - gamma) fractions by magnitude."""
+    """Breadcrumbs: keep exactly floor(density * n) entries, dropping the top gamma fraction by magnitude
+    and the rest from the bottom (if density + gamma > 1 the top cut shrinks so density still holds)."""
 
     def apply(self, ts, mps, gp, ctx):
         for t, mp in zip(ts, mps, strict=True):
             if mp.density >= 1.0:
                 continue
             n = t.numel()
-            n_top = exact_count(mp.gamma, n)
-            n_bottom = exact_count(max(0.0, 1.0 - mp.density - mp.gamma), n)
-            if n_top == 0 and n_bottom == 0:
-                continue
+            keep_count = exact_count(mp.density, n)
+            n_top = min(exact_count(mp.gamma, n), n - keep_count)
             mag = t.abs()
-            keep = top_k_mask(mag, n - n_bottom) & ~top_k_mask(mag, n_top)
+            keep = top_k_mask(mag, keep_count + n_top) & ~top_k_mask(mag, n_top)
             t.masked_fill_(~keep, 0.0)
         return ts
 
@@ -264,8 +263,9 @@ class TaskVectorPipeline:
 
 def _pipeline(name, sparsifier, consensus, model_params, global_params, *, randomized=False, paper="",
               summary="", energy=False, normalize=None, min_models=1):
+    elementwise = type(sparsifier) is Sparsifier and type(consensus) is Consensus and not energy
     register(name, model_params=model_params, global_params=global_params, base="required",
-             randomized=randomized, paper=paper, summary=summary, min_models=min_models)(
+             randomized=randomized, paper=paper, summary=summary, min_models=min_models, elementwise=elementwise)(
         TaskVectorPipeline(sparsifier, consensus, energy, normalize))
 
 

@@ -103,6 +103,9 @@ def from_mergekit(cfg: dict, where: str) -> dict:
     tok = cfg.get("tokenizer_source")
     if tok is not None:
         out["tokenizer_source"] = tok if tok in ("base", "union") else _model_ref(tok, f"{where}: tokenizer_source")
+    if base and method in _INCLUDES_BASE and out.get("tokenizer_source") in (None, "base"):
+        # The base joins these merges as a source; mergekit still takes config and tokenizer from it.
+        out["tokenizer_source"] = base
 
     def convert_sources(entries, at, with_range):
         if not isinstance(entries, list) or not entries:

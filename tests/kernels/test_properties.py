@@ -84,8 +84,6 @@ def valid_params(draw, model, **fixed):
             values[name] = draw(st.integers(int(lo), min(int(hi), int(lo) + 4)))
         else:
             lo, hi, open_lo = _bounds(field)
-            if name == "gamma" and "density" in values:  # breadcrumbs: density + gamma <= 1
-                hi = min(hi, 1.0 - values["density"])
             lo32, hi32 = np.float32(lo), np.float32(hi)  # float32 bounds inside [lo, hi]
             lo32 = np.nextafter(lo32, np.float32(np.inf)) if float(lo32) < lo else lo32
             hi32 = np.nextafter(hi32, np.float32(-np.inf)) if float(hi32) > hi else hi32
@@ -111,7 +109,7 @@ def scenario(draw, m, shapes=SHAPES_0D):
         scale = draw(st.sampled_from([1e-30, 1e-38, 1e-45]))
         ds = [tensor(draw, shape, UNIT) * scale for _ in range(n)]
     elif kind == "equal_magnitude":
-        c = draw(st.floats(1e-3, 10.0, width=32))
+        c = draw(st.floats(2.0**-10, 10.0, width=32))
         ds = [tensor(draw, shape, st.sampled_from([-c, c])) for _ in range(n)]
     else:
         d = tensor(draw, shape)
@@ -148,9 +146,13 @@ def scale_of(*ts) -> float:
     return max((float(t.abs().max()) for t in ts if t is not None and t.numel()), default=0.0)
 
 
-def assert_near(actual, expected, *inputs, rtol=1e-5):
+TINY = 1e-35  # absolute slack for subnormal float32 arithmetic (inputs go down to 1e-45)
+KARCHER_ZERO = 1e-12  # karcher treats tensors of norm <= 1e-12 as zero
+
+
+def assert_near(actual, expected, *inputs, rtol=1e-5, floor=TINY):
     """Equal up to float rounding relative to the largest input magnitude."""
-    atol = rtol * scale_of(expected, *inputs)
+    atol = rtol * scale_of(expected, *inputs) + floor
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
 
 
@@ -205,7 +207,7 @@ def test_identical_sources_come_back_unchanged(name, data):
     model, glob = unit_weight_config(name, n, shape, data.draw)
     mps, gp = defaults(name, n, model, **glob)
     out = run(name, [x] * n, base, mps, gp)
-    assert_near(out, x, base if base is not None else x)
+    assert_near(out, x, base if base is not None else x, floor=KARCHER_ZERO if name == "karcher" else TINY)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -218,7 +220,7 @@ def test_identical_sources_equal_to_base_come_back_unchanged(name, data):
     x = tensor(data.draw, data.draw(SHAPES_0D))
     mps, gp = defaults(name, n)
     out = run(name, [x] * n, x.clone(), mps, gp)
-    assert_near(out, x, x)
+    assert_near(out, x, x, floor=KARCHER_ZERO if name == "karcher" else TINY)
 
 
 @pytest.mark.parametrize("name", WITH_BASE)
