@@ -200,9 +200,10 @@ class SignElection(Consensus):
     """TIES: elect sign(sum_i w_i t_i') per entry (0 goes to +); keep entries agreeing with it."""
 
     def masks(self, ts, gp):
-        elected = torch.sign(sum(ts))
-        elected[elected == 0] = 1.0
-        return [torch.sign(t) == elected for t in ts]
+        # t agrees with the elected sign s (+1 where the sum is >= 0, else -1) exactly when t * s > 0;
+        # zeros (trimmed or unchanged entries) never agree.
+        elected = torch.where(sum(ts) >= 0, 1.0, -1.0)
+        return [torch.mul(t, elected) > 0 for t in ts]
 
 
 class Agreement(Consensus):
@@ -226,7 +227,21 @@ class TaskVectorPipeline:
     energy_weights: bool = False
     normalize: bool | None = None  # None: the method's `normalize` parameter decides
 
+    @property
+    def elementwise(self) -> bool:
+        """No selection, no consensus: each output entry depends on the same entry of the inputs only."""
+        return type(self.sparsifier) is Sparsifier and type(self.consensus) is Consensus and not self.energy_weights
+
     def __call__(self, xs, base, mps, gp, ctx):
+        if self.elementwise:
+            # b + c * sum_i w_i (x_i - b) computed as b (1 - c W) + c sum_i w_i x_i: one pass per input.
+            weights = [mp.weight for mp in mps]
+            total = sum(weights)
+            c = gp.lam / (total if total != 0 else 1.0) if gp.normalize else gp.lam
+            out = base.mul(1.0 - c * total)
+            for x, w in zip(xs, weights, strict=True):
+                out.add_(x, alpha=c * w)
+            return out
         ts = [x.sub_(base) for x in xs]
         ts = self.sparsifier.apply(ts, mps, gp, ctx)
         weights = [mp.weight for mp in mps]
@@ -252,21 +267,19 @@ class TaskVectorPipeline:
             out = torch.zeros_like(base)
             divisor = torch.zeros_like(base) if normalize else None
             for t, m, w in zip(ts, masks, weights, strict=True):
-                out.add_(torch.where(m, t, 0.0))
+                out.add_(t.mul_(m))
                 if divisor is not None:
-                    divisor.add_(m.to(base.dtype), alpha=w)
+                    divisor.add_(m, alpha=w)
             if divisor is not None:
-                divisor[divisor == 0] = 1.0
-                out.div_(divisor)
+                out.div_(divisor.masked_fill_(divisor == 0, 1.0))
         return base + gp.lam * out if gp.lam != 1.0 else out.add_(base)
 
 
 def _pipeline(name, sparsifier, consensus, model_params, global_params, *, randomized=False, paper="",
               summary="", energy=False, normalize=None, min_models=1):
-    elementwise = type(sparsifier) is Sparsifier and type(consensus) is Consensus and not energy
-    register(name, model_params=model_params, global_params=global_params, base="required",
-             randomized=randomized, paper=paper, summary=summary, min_models=min_models, elementwise=elementwise)(
-        TaskVectorPipeline(sparsifier, consensus, energy, normalize))
+    pipeline = TaskVectorPipeline(sparsifier, consensus, energy, normalize)
+    register(name, model_params=model_params, global_params=global_params, base="required", randomized=randomized,
+             paper=paper, summary=summary, min_models=min_models, elementwise=pipeline.elementwise)(pipeline)
 
 
 TA = "https://arxiv.org/abs/2212.04089"

@@ -136,3 +136,17 @@ def test_randomized_methods_are_seeded_per_tensor(name):
     assert torch.equal(go(1), go(1))
     assert not torch.equal(go(1), go(2))
     assert not torch.equal(go(1, "t"), go(1, "u"))
+
+
+@pytest.mark.parametrize("n", [10, 70_000, 300_001])
+def test_top_k_mask_exact_on_large_tensors_with_ties(n):
+    g = torch.Generator().manual_seed(n)
+    mag = (torch.randn(n, generator=g) * 0.01).to(torch.bfloat16).float().abs()  # bf16 values: many ties
+    mag[::7] = 0.0
+    order = sorted(range(n), key=lambda i: (-float(mag[i]), i))  # reference: magnitude, then lowest index
+    for k in (1, n // 3, n // 2, n - 1):
+        mask = top_k_mask(mag, k)
+        assert int(mask.sum()) == k
+        expected = torch.zeros(n, dtype=torch.bool)
+        expected[order[:k]] = True
+        assert torch.equal(mask, expected)
