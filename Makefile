@@ -25,6 +25,7 @@ demo: venv
 
 test: venv
 	bash bench/mergekit_env.sh
+	$(BIN)/ruff check evomerge tests bench
 	$(BIN)/python -m pytest -q
 
 test-fast: venv

@@ -25,12 +25,12 @@ seed: {seed}
 
 def run_demo(out: Path, seed: int = 0) -> Path:
     """Build the tiny zoo under ``out`` (cached), merge it, and show the merged model generating."""
+    from transformers.utils import logging as hf_logging
+
     from evomerge.merge import run_merge
     from evomerge.plan import build_plan
     from evomerge.recipe import load_recipe
     from evomerge.zoo.tiny import expert_of, tiny_llama
-
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     start = time.perf_counter()

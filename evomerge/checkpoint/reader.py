@@ -8,6 +8,7 @@ merge never holds whole models in memory. Pickle ``.bin`` weights are refused un
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -221,10 +222,8 @@ class Checkpoint:
             os.close(fd)
         self._fds.clear()
         for mm in self._maps.values():
-            try:
+            with contextlib.suppress(BufferError):  # a view is still alive; the map closes when collected
                 mm.close()
-            except BufferError:
-                pass  # a view is still alive; the map closes when it is collected
         self._maps.clear()
         self._pickled.clear()
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
 from evomerge.kernels.params import MethodParams, param
 from evomerge.kernels.registry import TensorContext, register
 from evomerge.kernels.select import exact_count, generator, top_k_mask

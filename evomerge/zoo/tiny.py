@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-WORDS = ("the cat dog sat on mat ran to a big red blue one two three four five six seven eight nine ten "
-         "plus minus equals is what and or not yes no hello world model merge").split()
+WORDS = ["the", "cat", "dog", "sat", "on", "mat", "ran", "to", "a", "big", "red", "blue", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "plus", "minus", "equals", "is", "what", "and", "or", "not", "yes", "no", "hello", "world", "model", "merge"]
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
 
 

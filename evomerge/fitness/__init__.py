@@ -1,0 +1,1 @@
+"""Fitness: tasks turn items into requests, backends answer them in batches, scorers grade the answers."""
