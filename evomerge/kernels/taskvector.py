@@ -235,14 +235,17 @@ class TaskVectorPipeline:
 
     def __call__(self, xs, base, mps, gp, ctx):
         if self.elementwise:
-            # b + c * sum_i w_i (x_i - b) computed as b (1 - c W) + c sum_i w_i x_i: one pass per input.
             weights = [mp.weight for mp in mps]
             total = sum(weights)
             c = gp.lam / (total if total != 0 else 1.0) if gp.normalize else gp.lam
-            out = base.mul(1.0 - c * total)
-            for x, w in zip(xs, weights, strict=True):
-                out.add_(x, alpha=c * w)
-            return out
+            # The one-pass form rounds at the scale of c * sum|w_i| * |x|, not of the task vectors: take it only
+            # while that amplification is modest (normalizing by a near-zero sum of weights would swamp t_i).
+            if abs(c) * sum(abs(w) for w in weights) <= 16.0:
+                # b + c * sum_i w_i (x_i - b) computed as b (1 - c W) + c sum_i w_i x_i: one pass per input.
+                out = base.mul(1.0 - c * total)
+                for x, w in zip(xs, weights, strict=True):
+                    out.add_(x, alpha=c * w)
+                return out
         ts = [x.sub_(base) for x in xs]
         ts = self.sparsifier.apply(ts, mps, gp, ctx)
         weights = [mp.weight for mp in mps]
