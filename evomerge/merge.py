@@ -58,6 +58,7 @@ def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device | str = "
         x = raw.to(device=device, dtype=torch.float32)
         _finite(x, _describe(plan, ref))
         loaded.append(x)  # the raw tensor is ours alone: kernels may work in place either way
+    raws.clear()  # drop the stored-dtype copies before the kernel allocates (the caller's list too)
     xs, base = loaded[: len(job.inputs)], (loaded[-1] if job.base else None)
     full_rows = None
     if job.vocab_rows is not None:
@@ -128,7 +129,6 @@ def run_merge(plan: MergePlan, out_dir: str | Path, *, device: str = "cpu", max_
                 raws = ahead.result()
                 ahead = reader.submit(load_inputs, plan, jobs[i + 1]) if i + 1 < len(jobs) else None
                 writer.write(job.out.name, merge_tensor(plan, job, device, raws))
-                del raws
         donor = plan.checkpoints[plan.donor]
         config = output_config(donor.config, dtype=plan.out_dtype, layer_origin=plan.layer_origin)
         return writer.finish(config, donor.path)

@@ -270,3 +270,26 @@ def test_nan_input_is_named_on_the_chunked_path(tmp_path, zoo, monkeypatch):
     with pytest.raises(NonFiniteError, match=r"up_proj.weight' of model '.*inf' contains NaN or infinity"):
         merge(tmp_path, text)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error shown when CUDA is missing")
+def test_cli_cuda_without_cuda_is_a_clear_error(tmp_path, zoo, capsys):
+    r = tmp_path / "r.yaml"
+    r.write_text(recipe_for(zoo))
+    assert main(["merge", str(r), "-o", str(tmp_path / "o"), "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "slerp"])
+def test_cuda_merge_matches_cpu(tmp_path, zoo, method):
+    text = recipe_for(zoo, method) if method != "slerp" else \
+        f"method: slerp\nsources: [{{model: {zoo['e1']}}}, {{model: {zoo['e2']}}}]\nparameters: {{t: 0.3}}\n"
+    if method == "task_arithmetic":
+        text = text.replace(", density: [0.3, 0.9]", "").replace(", density: 0.5", "")
+    cpu, _ = merge(tmp_path, text, "cpu")
+    gpu, _ = merge(tmp_path, text, "gpu", device="cuda")
+    a, b = load_file(cpu / "model.safetensors"), load_file(gpu / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
