@@ -15,3 +15,7 @@ class RecipeError(EvomergeError):
 
 class NonFiniteError(EvomergeError):
     """An input tensor holds NaN or infinity."""
+
+
+class TaskError(EvomergeError):
+    """A fitness task definition or its data is malformed, or names a field the data lacks."""
