@@ -76,8 +76,6 @@ def one(method: str, device: str) -> dict:
                           {"method": method, "base": str(paths["base"]),
                            "sources": [{"model": str(paths[k]), "parameters": {"weight": 0.5, "density": 0.5}}
                                        for k in ("e1", "e2")]})
-    for p in paths.values():  # page cache warm: measure merging, not the disk
-        (p / "model.safetensors").read_bytes()
     rss_before = psutil.Process().memory_info().rss
     plan = build_plan(recipe, CACHE)
     with tempfile.TemporaryDirectory(dir=CACHE.parent) as tmp:
@@ -89,8 +87,10 @@ def one(method: str, device: str) -> dict:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    largest = max(j.out.nbytes // j.out.dtype.itemsize * 4 for j in plan.jobs)  # float32 bytes
     return {"method": method, "seconds": seconds, "input_bytes": plan.input_bytes,
-            "model_bytes": plan.checkpoints[0].nbytes, "peak_rss": peak, "rss_before": rss_before}
+            "model_bytes": plan.checkpoints[0].nbytes, "peak_rss": peak, "rss_before": rss_before,
+            "bound": (len(plan.checkpoints) + 2) * largest}
 
 
 def memcopy_rate(nbytes: int, device: str) -> float:
@@ -118,7 +118,10 @@ def main() -> None:
     if args.one:
         print(json.dumps(one(args.one, args.device)))
         return
-    build(CACHE)
+    for p in build(CACHE).values():  # page cache warm: measure merging, not the disk
+        with open(p / "model.safetensors", "rb") as f:
+            while f.read(1 << 24):
+                pass
     rows = []
     for m in args.methods:
         out = subprocess.run([sys.executable, __file__, "--one", m, "--device", args.device], check=True,
@@ -127,11 +130,15 @@ def main() -> None:
     copy = memcopy_rate(rows[0]["input_bytes"], args.device)
     print(f"device {args.device}; memory copy of {rows[0]['input_bytes'] / 1e9:.2f} GB: {copy / 1e9:.2f} GB/s")
     print(f"one model: {rows[0]['model_bytes'] / 1e6:.0f} MB (bf16, 135M parameters); inputs: base + 2 experts")
-    print(f"{'method':16s} {'GB/s':>6s} {'vs copy':>8s} {'peak RSS':>9s} {'RSS/model':>9s} {'merge RSS/model':>15s}")
+    print(f"(sources + 2) x largest tensor in float32: {rows[0]['bound'] / 1e6:.0f} MB")
+    print("merge RSS = peak RSS minus the process's RSS before planning (interpreter, torch, libraries)")
+    print(f"{'method':16s} {'seconds':>7s} {'GB/s':>6s} {'vs copy':>8s} {'peak RSS':>9s} {'RSS/model':>9s} "
+          f"{'merge RSS':>9s} {'merge RSS/model':>15s}")
     for r in rows:
         rate = r["input_bytes"] / r["seconds"]
-        print(f"{r['method']:16s} {rate / 1e9:6.2f} {rate / copy:8.1%} {r['peak_rss'] / 1e6:7.0f}MB "
-              f"{r['peak_rss'] / r['model_bytes']:9.2f} {(r['peak_rss'] - r['rss_before']) / r['model_bytes']:15.2f}")
+        merge_rss = r["peak_rss"] - r["rss_before"]
+        print(f"{r['method']:16s} {r['seconds']:7.2f} {rate / 1e9:6.2f} {rate / copy:8.1%} {r['peak_rss'] / 1e6:7.0f}MB "
+              f"{r['peak_rss'] / r['model_bytes']:9.2f} {merge_rss / 1e6:7.0f}MB {merge_rss / r['model_bytes']:15.2f}")
 
 
 if __name__ == "__main__":

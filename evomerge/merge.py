@@ -18,10 +18,12 @@ import torch
 
 from evomerge.checkpoint.writer import CheckpointWriter, output_config
 from evomerge.errors import NonFiniteError
+from evomerge.kernels import chunked
+from evomerge.kernels.select import BLOCK
 from evomerge.plan import InputRef, MergePlan, TensorJob
 
 log = logging.getLogger(__name__)
-CHUNK = 1 << 18  # elements per chunk for elementwise methods: 1 MiB of float32, stays in cache
+CHUNK = BLOCK  # elements per chunk (1 MiB of float32: stays in cache)
 
 
 def _finite(t: torch.Tensor, what: str) -> None:
@@ -50,8 +52,11 @@ def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device | str = "
     raws = load_inputs(plan, job) if raws is None else raws
     if job.copy:
         return raws[0].to(device)
-    if plan.method.elementwise and job.vocab_rows is None and job.out.nbytes > 4 * CHUNK:
-        return _merge_chunked(plan, job, [r.to(device) for r in raws])
+    if job.vocab_rows is None and job.out.nbytes > 4 * CHUNK:
+        if plan.method.elementwise:
+            return _merge_chunked(plan, job, [r.to(device) for r in raws])
+        if job.base is not None and chunked.supports(plan.method.fn, job.model_params, job.global_params):
+            return _merge_pipeline_chunked(plan, job, [r.to(device) for r in raws])
     refs = _refs(job)
     loaded = []
     for ref, raw in zip(refs, raws, strict=True):
@@ -91,7 +96,7 @@ def _merge_chunked(plan: MergePlan, job: TensorJob, raws: list[torch.Tensor]) ->
     scaling = plan.recipe.depth_scaling
     for start in range(0, n, CHUNK):
         end = min(n, start + CHUNK)
-        pieces = [r[start:end].float() for r in flats]
+        pieces = [r[start:end].to(torch.float32, copy=True) for r in flats]  # kernels work in place
         xs = pieces[: len(job.inputs)]
         base = pieces[-1] if job.base else None
         merged = plan.method.fn(xs, base, mps, job.global_params, job.ctx)
@@ -105,6 +110,29 @@ def _merge_chunked(plan: MergePlan, job: TensorJob, raws: list[torch.Tensor]) ->
             _finite(merged, f"the merged tensor '{job.out.name}' (method {plan.method.name})")
         flat[start:end] = merged
     return out
+
+
+def _merge_pipeline_chunked(plan: MergePlan, job: TensorJob, raws: list[torch.Tensor]) -> torch.Tensor:
+    """Task-vector methods with whole-tensor selections (TIES, breadcrumbs) or seeded drops (DARE), chunked."""
+    refs = _refs(job)
+    flats = [r.reshape(-1) for r in raws]
+    scaling = plan.recipe.depth_scaling
+    what = f"the merged tensor '{job.out.name}' (method {plan.method.name})"
+
+    def check(ts, base, start, end):
+        if not all(math.isfinite(float(t.sum())) for t in (*ts, base)):
+            for ref, r in zip(refs, flats, strict=True):
+                _finite(r[start:end].float(), _describe(plan, ref))
+
+    def post(merged, base):
+        if scaling is not None:
+            merged = scaling.apply(merged, base, job.ctx.depth)
+        _finite(merged, what)
+        return merged
+
+    out = torch.empty(job.out.shape, dtype=job.out.dtype, device=raws[0].device)
+    return chunked.run_chunked(plan.method.fn, flats, list(job.model_params), job.global_params, job.ctx, out,
+                               post=post, check=check)
 
 
 def run_merge(plan: MergePlan, out_dir: str | Path, *, device: str = "cpu", max_shard_bytes: int = 5 * 10**9,

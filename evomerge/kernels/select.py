@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import struct
 
 import torch
 
@@ -13,9 +14,15 @@ def exact_count(fraction: float, n: int) -> int:
     return min(n, max(0, math.floor(round(fraction * n, 6))))
 
 
+BLOCK = 1 << 18  # elements per random-stream block and per chunk of chunked merging (1 MiB of float32)
+
+
 def _select_bucket(keys: torch.Tensor, bins: int, k: int) -> tuple[int, int]:
     """The bucket holding the k-th largest key, and how many keys lie in higher buckets."""
-    counts = torch.bincount(keys, minlength=bins)
+    return _bucket_from_counts(torch.bincount(keys, minlength=bins), k)
+
+
+def _bucket_from_counts(counts: torch.Tensor, k: int) -> tuple[int, int]:
     at_or_above = counts.flip(0).cumsum(0).flip(0)  # at_or_above[b] = count of keys in buckets >= b
     bucket = int(torch.nonzero(at_or_above >= k).max())
     return bucket, int(at_or_above[bucket] - counts[bucket])
@@ -58,6 +65,70 @@ def top_k_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
         ties = torch.nonzero(flat == threshold).squeeze(1)
         mask[ties[equal - extra:]] = False
     return mask.view(magnitude.shape)
+
+
+class StreamTopK:
+    """Exact top-k of non-negative float32 values seen chunk by chunk, with the same result as top_k_mask.
+
+    Two histogram passes over the chunks (``observe_high`` on all, then ``observe_low`` on all) fix the
+    threshold; then ``mask`` is called on the chunks in order, admitting values equal to the threshold
+    lowest index first until k are kept.
+    """
+
+    def __init__(self, k: int, n: int, device: torch.device | str = "cpu"):
+        self.k, self.n = k, n
+        self.trivial = k <= 0 or k >= n
+        self.high = torch.zeros(1 << 15, dtype=torch.int64, device=device)
+        self.low = torch.zeros(1 << 16, dtype=torch.int64, device=device)
+        self.bucket = self.above = self.threshold = self.ties_wanted = self.ties_total = None
+        self.ties_seen = 0
+
+    def observe_high(self, magnitude: torch.Tensor) -> None:
+        self.high += torch.bincount(magnitude.reshape(-1).view(torch.int32) >> 16, minlength=1 << 15)
+
+    def choose_bucket(self) -> None:
+        self.bucket, self.above = _bucket_from_counts(self.high, self.k)
+
+    def observe_low(self, magnitude: torch.Tensor) -> None:
+        bits = magnitude.reshape(-1).view(torch.int32)
+        self.low += torch.bincount(bits[(bits >> 16) == self.bucket] & 0xFFFF, minlength=1 << 16)
+
+    def finish(self) -> None:
+        sub, above_in_bucket = _bucket_from_counts(self.low, self.k - self.above)
+        self.threshold = struct.unpack("<f", struct.pack("<i", (self.bucket << 16) | sub))[0]
+        self.ties_wanted = self.k - self.above - above_in_bucket
+        self.ties_total = int(self.low[sub])
+
+    def mask(self, magnitude: torch.Tensor) -> torch.Tensor:
+        if self.trivial:
+            return torch.full_like(magnitude, self.k > 0, dtype=torch.bool)
+        if self.ties_wanted == self.ties_total:
+            return magnitude >= self.threshold
+        keep = magnitude > self.threshold
+        ties = (magnitude == self.threshold).reshape(-1)
+        count = int(torch.count_nonzero(ties))
+        if count:
+            rank = ties.cumsum(0) + self.ties_seen
+            keep.view(-1).logical_or_(ties & (rank <= self.ties_wanted))
+            self.ties_seen += count
+        return keep
+
+
+def uniform(seed: int, model_id: str, tensor_name: str, start: int, end: int,
+            device: torch.device | str = "cpu") -> torch.Tensor:
+    """Uniform [0, 1) draws for flat positions [start, end) of a tensor; start is a multiple of BLOCK.
+
+    Each BLOCK of positions has its own stream, seeded by (seed, model, tensor, block), so a chunked
+    merge and a whole-tensor merge draw identical values.
+    """
+    if start % BLOCK:
+        raise ValueError(f"start {start} is not a multiple of {BLOCK}")
+    parts = []
+    for block_start in range(start, end, BLOCK):
+        size = min(BLOCK, end - block_start)
+        g = generator(seed, model_id, f"{tensor_name}#{block_start // BLOCK}", device)
+        parts.append(torch.rand(size, generator=g, device=device))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def stream_seed(seed: int, model_id: str, tensor_name: str) -> int:

@@ -18,7 +18,7 @@ import torch
 
 from evomerge.kernels.params import MethodParams, param
 from evomerge.kernels.registry import TensorContext, register
-from evomerge.kernels.select import exact_count, generator, top_k_mask
+from evomerge.kernels.select import exact_count, generator, top_k_mask, uniform
 
 # ---------------------------------------------------------------- parameter models
 
@@ -100,8 +100,7 @@ class Magnitude(Sparsifier):
     def apply(self, ts, mps, gp, ctx):
         for t, mp in zip(ts, mps, strict=True):
             if mp.density < 1.0:
-                keep = top_k_mask(t.abs(), exact_count(mp.density, t.numel()))
-                t.masked_fill_(~keep, 0.0)
+                t.mul_(top_k_mask(t.abs(), exact_count(mp.density, t.numel())))
         return ts
 
 
@@ -127,9 +126,8 @@ class RandomDrop(Sparsifier):
     def apply(self, ts, mps, gp, ctx):
         for i, (t, mp) in enumerate(zip(ts, mps, strict=True)):
             if mp.density < 1.0:
-                g = generator(ctx.seed, ctx.model_ids[i], ctx.name, t.device)
-                keep = torch.rand(t.shape, generator=g, device=t.device) < mp.density
-                drop_and_rescale(t, keep, mp.density, gp.rescale)
+                u = uniform(ctx.seed, ctx.model_ids[i], ctx.name, 0, t.numel(), t.device).view(t.shape)
+                drop_and_rescale(t, u < mp.density, mp.density, gp.rescale)
         return ts
 
 
@@ -159,6 +157,12 @@ class RankedDrop(Sparsifier):
         return ts
 
 
+def band_counts(mp, n: int) -> tuple[int, int]:
+    """Breadcrumbs: how many entries are kept, and how many of the largest are dropped above them."""
+    keep_count = exact_count(mp.density, n)
+    return keep_count, min(exact_count(mp.gamma, n), n - keep_count)
+
+
 class MagnitudeBand(Sparsifier):
     """Breadcrumbs: keep exactly floor(density * n) entries, dropping the top gamma fraction by magnitude
     and the rest from the bottom (if density + gamma > 1 the top cut shrinks so density still holds)."""
@@ -167,12 +171,9 @@ class MagnitudeBand(Sparsifier):
         for t, mp in zip(ts, mps, strict=True):
             if mp.density >= 1.0:
                 continue
-            n = t.numel()
-            keep_count = exact_count(mp.density, n)
-            n_top = min(exact_count(mp.gamma, n), n - keep_count)
+            keep_count, n_top = band_counts(mp, t.numel())
             mag = t.abs()
-            keep = top_k_mask(mag, keep_count + n_top) & ~top_k_mask(mag, n_top)
-            t.masked_fill_(~keep, 0.0)
+            t.mul_(top_k_mask(mag, keep_count + n_top) & ~top_k_mask(mag, n_top))
         return ts
 
 
@@ -233,21 +234,31 @@ class TaskVectorPipeline:
         """No selection, no consensus: each output entry depends on the same entry of the inputs only."""
         return type(self.sparsifier) is Sparsifier and type(self.consensus) is Consensus and not self.energy_weights
 
+    @staticmethod
+    def _one_pass(xs, base, mps, gp):
+        weights = [mp.weight for mp in mps]
+        total = sum(weights)
+        c = gp.lam / (total if total != 0 else 1.0) if gp.normalize else gp.lam
+        # The one-pass form rounds at the scale of c * sum|w_i| * |x|, not of the task vectors: take it only
+        # while that amplification is modest (normalizing by a near-zero sum of weights would swamp t_i).
+        if abs(c) * sum(abs(w) for w in weights) > 16.0:
+            return None
+        # b + c * sum_i w_i (x_i - b) computed as b (1 - c W) + c sum_i w_i x_i: one pass per input.
+        out = base.mul(1.0 - c * total)
+        for x, w in zip(xs, weights, strict=True):
+            out.add_(x, alpha=c * w)
+        return out
+
     def __call__(self, xs, base, mps, gp, ctx):
         if self.elementwise:
-            weights = [mp.weight for mp in mps]
-            total = sum(weights)
-            c = gp.lam / (total if total != 0 else 1.0) if gp.normalize else gp.lam
-            # The one-pass form rounds at the scale of c * sum|w_i| * |x|, not of the task vectors: take it only
-            # while that amplification is modest (normalizing by a near-zero sum of weights would swamp t_i).
-            if abs(c) * sum(abs(w) for w in weights) <= 16.0:
-                # b + c * sum_i w_i (x_i - b) computed as b (1 - c W) + c sum_i w_i x_i: one pass per input.
-                out = base.mul(1.0 - c * total)
-                for x, w in zip(xs, weights, strict=True):
-                    out.add_(x, alpha=c * w)
+            out = self._one_pass(xs, base, mps, gp)
+            if out is not None:
                 return out
         ts = [x.sub_(base) for x in xs]
-        ts = self.sparsifier.apply(ts, mps, gp, ctx)
+        return self.combine(self.sparsifier.apply(ts, mps, gp, ctx), base, mps, gp)
+
+    def combine(self, ts, base, mps, gp):
+        """Weights, consensus, normalization and lam over sparsified task vectors (entrywise but for SCE)."""
         weights = [mp.weight for mp in mps]
         masks = None
         if self.energy_weights:

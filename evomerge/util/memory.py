@@ -14,6 +14,7 @@ import sys
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 _done = False
 
 
@@ -26,7 +27,9 @@ def reuse_large_allocations(threshold: int = 1 << 30) -> bool:
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, threshold) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2 * threshold) == 1
+        # One arena: buffers freed by the compute thread are reused by the reader thread and vice versa.
+        ok = (libc.mallopt(_M_MMAP_THRESHOLD, threshold) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2 * threshold) == 1
+              and libc.mallopt(_M_ARENA_MAX, 1) == 1)
     except (OSError, AttributeError):
         return False
     _done = ok
