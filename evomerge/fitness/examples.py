@@ -1,13 +1,13 @@
-"""Regenerate the example data files next to this script (deterministic: same output every run).
+"""The example tasks' data files in fitness/data/ (deterministic: same output every run).
 
-    python fitness/data/make_examples.py
+    python -m evomerge.fitness.examples [DIR]      # DIR defaults to fitness/data of this checkout
 """
 
 import json
 import random
 from pathlib import Path
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[2] / "fitness" / "data"
 
 CAPITALS = [
     ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
@@ -30,8 +30,8 @@ OBJECTS = ["the red barn", "a quiet lake", "the busy market", "an open window", 
 ENDINGS = ["in the morning.", "before the rain.", "after lunch.", "every summer.", "at dusk.", "once again."]
 
 
-def write(name: str, rows: list[dict]) -> None:
-    with open(HERE / name, "w") as f:
+def write(name: str, rows: list[dict], directory: Path = HERE) -> None:
+    with open(directory / name, "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
 
@@ -73,5 +73,8 @@ def examples() -> dict[str, list[dict]]:
 
 
 if __name__ == "__main__":
+    import sys
+
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE
     for name, rows in examples().items():
-        write(name, rows)
+        write(name, rows, target)
