@@ -24,6 +24,7 @@ demo: venv
 	$(BIN)/evomerge demo --out demo-out
 
 test: venv
+	bash bench/vllm_env.sh
 	bash bench/mergekit_env.sh
 	$(BIN)/ruff check evomerge tests bench
 	$(BIN)/python -m pytest -q

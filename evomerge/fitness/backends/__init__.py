@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 # Backend name -> "module:Class"; the one place a config's ``backend:`` name is resolved.
 BACKENDS: dict[str, str] = {
     "hf": "evomerge.fitness.backends.hf:HFBackend",
+    "vllm": "evomerge.fitness.backends.vllm:VLLMBackend",
 }
 
 __all__ = ["BACKENDS", "HFBackend", "backend_class"]
