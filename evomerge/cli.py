@@ -55,6 +55,12 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _zoo(args: argparse.Namespace) -> int:
+    from evomerge.zoo.build import main as build_main
+
+    return build_main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evomerge", description="Evolutionary model merging for LLMs")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -73,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("methods", help="list merge methods and their parameters")
     ls.set_defaults(func=_methods)
+    z = sub.add_parser("zoo", help="build the tiny local model zoo: `evomerge zoo build OUT [--quick] [--scores]`")
+    z.add_argument("action", choices=["build"])
+    z.add_argument("rest", nargs=argparse.REMAINDER, help="OUT_DIR [--seed N] [--quick] [--scores]")
+    z.set_defaults(func=_zoo)
+
     d = sub.add_parser("demo", help="build tiny local models, merge them, generate with the result")
     d.add_argument("--out", default="demo-out", help="working directory (default demo-out)")
     d.add_argument("--seed", type=int, default=0)

@@ -14,3 +14,8 @@ def test_import_is_light():
 def test_cli_help_runs():
     out = subprocess.run([sys.executable, "-m", "evomerge", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "merge" in out.stdout
+
+
+def test_zoo_build_command_is_wired():
+    out = subprocess.run([sys.executable, "-m", "evomerge", "zoo", "build", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--quick" in out.stdout
