@@ -196,7 +196,7 @@ def test_trailing_context_whitespace_moves_to_the_continuation(backend, monkeypa
         def __getattr__(self, name):
             return getattr(self.tok, name)
 
-    monkeypatch.setattr(backend, "tokenizer", Recorder(backend.tokenizer))
+    monkeypatch.setattr(backend.encoder, "tokenizer", Recorder(backend.tokenizer))
     backend.loglikelihood([LoglikelihoodRequest("the cat sat on  ", "mat")])
     # The context gets the tokenizer's special tokens, the continuation none; they are encoded apart.
     assert seen == [("the cat sat on", True), ("  mat", False)]

@@ -153,8 +153,8 @@ def test_tokenization_is_hf_backends(vb, hf_a):
         ("", ""),
         ("what is two plus two", " four and five"),
     ]:
-        assert vb._encode_pair(context, continuation) == hf_a._encode_pair(context, continuation)
-        assert vb._encode_context(context) == hf_a._encode_context(context)
+        assert vb.encoder.pair(context, continuation) == hf_a.encoder.pair(context, continuation)
+        assert vb.encoder.context(context) == hf_a.encoder.context(context)
     assert vb.eos_ids == sorted(hf_a.eos_ids)
     assert vb.max_length == hf_a.max_length
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from evomerge.fitness.backends.text import PairEncoder, cut_at_stop
 from evomerge.fitness.requests import GenerateRequest, Loglikelihood, LoglikelihoodRequest
 
 _DTYPES = {
@@ -62,12 +63,6 @@ def _dtype_kwarg() -> str:
     return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
 
 
-def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
-    """``text`` up to (excluding) the earliest occurrence of any stop string, and whether one occurred."""
-    hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
-    return (text[: min(hits)], True) if hits else (text, False)
-
-
 @functools.cache
 def _stop_criteria_class():
     """A per-row StoppingCriteria (defined lazily: transformers is imported where it is used)."""
@@ -95,7 +90,7 @@ def _stop_criteria_class():
                     self.done[row] = True
                 elif stop:
                     text = self.tokenizer.decode(new[row].tolist(), skip_special_tokens=True)
-                    self.done[row] = _cut_at_stop(text, stop)[1]
+                    self.done[row] = cut_at_stop(text, stop)[1]
             return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
 
     return RowStop
@@ -155,7 +150,7 @@ class HFBackend:
             eos = tok.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-        self._empty_prefix = [start if start is not None else self.pad_id]
+        self.encoder = PairEncoder(self.tokenizer, [start if start is not None else self.pad_id])
         self.max_length = max_length or self._model_max_length()
 
     def _model_max_length(self) -> int:
@@ -178,21 +173,6 @@ class HFBackend:
             "max_length": str(self.max_length),
         }
 
-    # -- tokenization ----------------------------------------------------------------------------------
-
-    def _encode_context(self, text: str) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
-        return list(ids) if ids else list(self._empty_prefix)
-
-    def _encode_continuation(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        n_spaces = len(context) - len(context.rstrip())
-        if n_spaces:
-            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-        return self._encode_context(context), self._encode_continuation(continuation)
-
     # -- generate --------------------------------------------------------------------------------------
 
     def generate(self, requests: Sequence[GenerateRequest]) -> list[str]:
@@ -207,7 +187,7 @@ class HFBackend:
                     f"max_new_tokens {req.max_new_tokens} leaves no room for the prompt "
                     f"within max_length {self.max_length}"
                 )
-            encoded.append(self._encode_context(req.prompt)[-keep:])
+            encoded.append(self.encoder.context(req.prompt)[-keep:])
         # Similar budgets and prompt lengths share a batch: less padding, fewer wasted decode steps.
         order = sorted(range(len(requests)), key=lambda i: (requests[i].max_new_tokens, len(encoded[i])))
         out: list[str] = [""] * len(requests)
@@ -250,7 +230,7 @@ class HFBackend:
             new = seqs[row, width : width + limit].tolist()
             cut = next((k for k, t in enumerate(new) if t in self.eos_ids), len(new))
             text = self.tokenizer.decode(new[:cut], skip_special_tokens=True)
-            texts.append(_cut_at_stop(text, stop)[0])
+            texts.append(cut_at_stop(text, stop)[0])
         return texts
 
     # -- loglikelihood ---------------------------------------------------------------------------------
@@ -263,7 +243,7 @@ class HFBackend:
         """
         pairs = []
         for req in requests:
-            ctx, cont = self._encode_pair(req.context, req.continuation)
+            ctx, cont = self.encoder.pair(req.context, req.continuation)
             if len(cont) > self.max_length:
                 raise ValueError(
                     f"continuation of {len(cont)} tokens does not fit max_length "

@@ -45,6 +45,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from evomerge.fitness.backends.text import PairEncoder, cut_at_stop
 from evomerge.fitness.requests import GenerateRequest, Loglikelihood, LoglikelihoodRequest
 
 WORKER_EXTENSION = "evomerge.fitness.backends.vllm_worker.WeightUpdater"
@@ -130,7 +131,7 @@ class VLLMBackend:
         self.eos_ids = self._eos_ids()
         start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        self._empty_prefix = [start if start is not None else (pad if pad is not None else 0)]
+        self.encoder = PairEncoder(self.tokenizer, [start if start is not None else (pad if pad is not None else 0)])
         self._hf_params = self._hf_parameter_table()
         self._sources = _checkpoint_sources(self.model_path)
         self._updates = itertools.count()
@@ -197,26 +198,10 @@ class VLLMBackend:
             raise RuntimeError("this VLLMBackend is closed")
         return llm
 
-    # -- tokenization (HFBackend's rules, see the module docstring) --------------------------------------
-
-    def _encode_context(self, text: str) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
-        return list(ids) if ids else list(self._empty_prefix)
-
-    def _encode_continuation(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        n_spaces = len(context) - len(context.rstrip())
-        if n_spaces:
-            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-        return self._encode_context(context), self._encode_continuation(continuation)
-
     # -- generate --------------------------------------------------------------------------------------
 
     def generate(self, requests: Sequence[GenerateRequest]) -> list[str]:
         """Greedy continuations, one per request, in order, all in one engine call."""
-        from evomerge.fitness.backends.hf import _cut_at_stop
 
         self._engine()
         prompts = []
@@ -229,7 +214,7 @@ class VLLMBackend:
                     f"max_new_tokens {req.max_new_tokens} leaves no room for the prompt "
                     f"within max_length {self.max_length}"
                 )
-            prompts.append(self._encode_context(req.prompt)[-keep:])
+            prompts.append(self.encoder.context(req.prompt)[-keep:])
         if not prompts:
             return []
         results = self._run(prompts, [self._greedy(r.max_new_tokens, r.stop) for r in requests])
@@ -237,7 +222,7 @@ class VLLMBackend:
         again: list[int] = []
         for i, (req, result) in enumerate(zip(requests, results, strict=True)):
             out = result.outputs[0]
-            text, hit = _cut_at_stop(self._decode(out.token_ids), req.stop)
+            text, hit = cut_at_stop(self._decode(out.token_ids), req.stop)
             # vLLM matched a stop string in its own detokenization that the HF decoding does not hold.
             if isinstance(out.stop_reason, str) and not hit:
                 again.append(i)
@@ -247,7 +232,7 @@ class VLLMBackend:
                 [prompts[i] for i in again], [self._greedy(requests[i].max_new_tokens, ()) for i in again]
             )
             for i, result in zip(again, redo, strict=True):
-                texts[i] = _cut_at_stop(self._decode(result.outputs[0].token_ids), requests[i].stop)[0]
+                texts[i] = cut_at_stop(self._decode(result.outputs[0].token_ids), requests[i].stop)[0]
         return texts
 
     def _greedy(self, max_tokens: int, stop: Sequence[str]):
@@ -287,7 +272,7 @@ class VLLMBackend:
         limit = self.max_length - 1  # tokens per sequence: vLLM must have room to generate one more
         pairs = []
         for req in requests:
-            ctx, cont = self._encode_pair(req.context, req.continuation)
+            ctx, cont = self.encoder.pair(req.context, req.continuation)
             if len(cont) > limit - 1:
                 raise ValueError(
                     f"continuation of {len(cont)} tokens does not fit max_length {self.max_length} "
