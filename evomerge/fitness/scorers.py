@@ -11,6 +11,8 @@ import re
 import unicodedata
 from collections.abc import Iterable, Sequence
 
+from evomerge.fitness.backends.text import cut_at_stop
+
 EXTRACT_MODES = ("regex", "last_number", "first_line", "full")
 NORMALIZATIONS = ("strip", "lowercase", "remove_punctuation", "remove_whitespace")
 MATCH_MODES = ("exact", "numeric")
@@ -24,13 +26,7 @@ _WHOLE_NUMBER_RE = re.compile(rf"\s*\$?\s*({_NUMBER})\s*%?\.?\s*")
 
 def truncate_at_stop(text: str, stop: Iterable[str]) -> str:
     """Cut ``text`` before the earliest occurrence of any stop string (backends should already have)."""
-    cut = len(text)
-    for s in stop:
-        if s:
-            i = text.find(s)
-            if 0 <= i < cut:
-                cut = i
-    return text[:cut]
+    return cut_at_stop(text, list(stop))[0]
 
 
 def extract_regex(text: str, pattern: str | re.Pattern[str], group: int | str = 1) -> str | None:

@@ -177,17 +177,7 @@ class HFBackend:
 
     def generate(self, requests: Sequence[GenerateRequest]) -> list[str]:
         """Greedy continuations, one per request, in order (see the module docstring for batching)."""
-        encoded = []
-        for req in requests:
-            if req.max_new_tokens < 1:
-                raise ValueError(f"max_new_tokens must be >= 1, got {req.max_new_tokens}")
-            keep = self.max_length - req.max_new_tokens
-            if keep < 1:
-                raise ValueError(
-                    f"max_new_tokens {req.max_new_tokens} leaves no room for the prompt "
-                    f"within max_length {self.max_length}"
-                )
-            encoded.append(self.encoder.context(req.prompt)[-keep:])
+        encoded = [self.encoder.prompt(req.prompt, req.max_new_tokens, self.max_length) for req in requests]
         # Similar budgets and prompt lengths share a batch: less padding, fewer wasted decode steps.
         order = sorted(range(len(requests)), key=lambda i: (requests[i].max_new_tokens, len(encoded[i])))
         out: list[str] = [""] * len(requests)

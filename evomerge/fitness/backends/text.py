@@ -32,3 +32,12 @@ class PairEncoder:
         if n_spaces:
             context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
         return self.context(context), self.continuation(continuation)
+
+    def prompt(self, text: str, max_new_tokens: int, max_length: int) -> list[int]:
+        """A generation prompt's ids, cut on the left so that ``max_new_tokens`` fit in ``max_length``."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        keep = max_length - max_new_tokens
+        if keep < 1:
+            raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for the prompt within max_length {max_length}")
+        return self.context(text)[-keep:]

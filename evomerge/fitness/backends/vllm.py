@@ -206,15 +206,7 @@ class VLLMBackend:
         self._engine()
         prompts = []
         for req in requests:
-            if req.max_new_tokens < 1:
-                raise ValueError(f"max_new_tokens must be >= 1, got {req.max_new_tokens}")
-            keep = self.max_length - req.max_new_tokens
-            if keep < 1:
-                raise ValueError(
-                    f"max_new_tokens {req.max_new_tokens} leaves no room for the prompt "
-                    f"within max_length {self.max_length}"
-                )
-            prompts.append(self.encoder.context(req.prompt)[-keep:])
+            prompts.append(self.encoder.prompt(req.prompt, req.max_new_tokens, self.max_length))
         if not prompts:
             return []
         results = self._run(prompts, [self._greedy(r.max_new_tokens, r.stop) for r in requests])
