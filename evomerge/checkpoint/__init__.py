@@ -1,4 +1,4 @@
-"""HF checkpoint I/O: memory-mapped reading, streamed sharded writing, tensor naming."""
+"""HF checkpoint I/O: per-tensor reading (pread), streamed sharded writing, tensor naming."""
 
 from evomerge.checkpoint.reader import Checkpoint
 from evomerge.checkpoint.writer import CheckpointWriter, TensorSpec

@@ -1,16 +1,13 @@
 """Read HF checkpoints one tensor at a time from safetensors files (single or sharded).
 
-``get`` reads one tensor's bytes straight into a new tensor (no whole-file load); ``view`` maps the
-file and returns a zero-copy tensor over it, for readers that keep sources resident. Either way a
-merge never holds whole models in memory. Pickle ``.bin`` weights are refused unless
+``get`` reads one tensor's bytes with pread straight into a new tensor: no whole-file load and no
+mapped pages counted against the process, so a merge never holds whole models in memory. Pickle ``.bin`` weights are refused unless
 ``allow_pickle=True`` (then ``weights_only=True``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -80,7 +77,6 @@ class Checkpoint:
             self.config: dict = json.loads(cfg.read_text())
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{cfg}: invalid JSON: {e}") from e
-        self._maps: dict[Path, mmap.mmap] = {}
         self._fds: dict[Path, int] = {}
         self._pickled: dict[Path, dict] = {}
         self._meta = self._index(allow_pickle)
@@ -163,27 +159,6 @@ class Checkpoint:
         return sum((m.end - m.start) for m in self._meta.values())
 
     # ------------------------------------------------------------------ data
-    def _map(self, file: Path) -> mmap.mmap:
-        mm = self._maps.get(file)
-        if mm is None:
-            with open(file, "rb") as f:
-                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-            self._maps[file] = mm
-        return mm
-
-    def view(self, name: str) -> torch.Tensor:
-        """Zero-copy tensor over the mapped file (valid while this Checkpoint is open; do not write)."""
-        m = self.meta(name)
-        if m.file in self._pickled:
-            return self._pickled[m.file][name]
-        count = 1
-        for d in m.shape:
-            count *= d
-        if count == 0:
-            return torch.empty(m.shape, dtype=m.dtype)
-        t = torch.frombuffer(self._map(m.file), dtype=m.dtype, count=count, offset=m.start)
-        return t.view(m.shape)
-
     def get(self, name: str, dtype: torch.dtype | None = torch.float32,
             device: torch.device | str = "cpu") -> torch.Tensor:
         """An owned copy of tensor ``name``, cast to ``dtype`` (None keeps the stored dtype).
@@ -221,10 +196,6 @@ class Checkpoint:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-        for mm in self._maps.values():
-            with contextlib.suppress(BufferError):  # a view is still alive; the map closes when collected
-                mm.close()
-        self._maps.clear()
         self._pickled.clear()
 
     def __enter__(self):
