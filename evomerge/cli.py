@@ -61,6 +61,34 @@ def _zoo(args: argparse.Namespace) -> int:
     return build_main(args.rest)
 
 
+def _run(args: argparse.Namespace) -> int:
+    from evomerge.search.config import load_search_config
+    from evomerge.search.report import status_text
+    from evomerge.search.run import start_run
+
+    config = load_search_config(args.config)
+    summary = start_run(config, args.run_dir, progress=not args.quiet)
+    print(status_text(summary.run_dir))
+    return 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from evomerge.search.report import status_text
+    from evomerge.search.run import resume_run
+
+    summary = resume_run(args.run_dir, evaluations=args.evaluations, wall_time=args.wall_time,
+                         progress=not args.quiet)
+    print(status_text(summary.run_dir))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from evomerge.search.report import status_text
+
+    print(status_text(args.run_dir))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evomerge", description="Evolutionary model merging for LLMs")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -83,6 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("action", choices=["build"])
     z.add_argument("rest", nargs=argparse.REMAINDER, help="OUT_DIR [--seed N] [--quick] [--scores]")
     z.set_defaults(func=_zoo)
+
+    r = sub.add_parser("run", help="start a search from a search config (see recipes/search/)")
+    r.add_argument("config", help="search config YAML")
+    r.add_argument("--run-dir", default=None, help="where the run lives (default: the config's run_dir)")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(func=_run)
+    rs = sub.add_parser("resume", help="continue an interrupted (or finished) search")
+    rs.add_argument("run_dir")
+    rs.add_argument("--evaluations", type=int, default=None, help="raise the evaluation budget to N")
+    rs.add_argument("--wall-time", type=float, default=None, help="raise the wall-time budget to S seconds")
+    rs.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    rs.set_defaults(func=_resume)
+    st = sub.add_parser("status", help="progress, best so far, Pareto front size and hypervolume of a run")
+    st.add_argument("run_dir")
+    st.set_defaults(func=_status)
 
     d = sub.add_parser("demo", help="build tiny local models, merge them, generate with the result")
     d.add_argument("--out", default="demo-out", help="working directory (default demo-out)")

@@ -137,7 +137,9 @@ def _plan(recipe, method, names, ckpts, mk, seed) -> MergePlan:
         for i, sl in enumerate(recipe.slices):
             merge_sources = [s for s in sl.sources if s.model != recipe.base] if method.base == "required" \
                 else list(sl.sources)
-            base_src = next((s for s in sl.sources if s.model == recipe.base), None)
+            # A method without a base never reads it: a base listed in a slice is only a source there.
+            base_src = next((s for s in sl.sources if s.model == recipe.base), None) \
+                if method.base == "required" else None
             if method.base == "required" and base_src is None:
                 raise RecipeError(f"slices[{i}]: method '{method.name}' needs the base model "
                                   f"'{recipe.base}' among the slice's sources (with a layer_range)")
@@ -252,8 +254,13 @@ def _plan(recipe, method, names, ckpts, mk, seed) -> MergePlan:
     pre = [n for n in donor_ck.names if parse(n).layer is None and parse(n).component == "embedding"]
     post = [n for n in donor_ck.names if parse(n).layer is None and parse(n).component != "embedding"]
     all_models = {s.model for v in views for s in v.sources} | ({recipe.base} if recipe.base else set())
+    # Tensors outside the layer stack follow the first / last slice (as in mergekit), except in a one-model
+    # layer recipe (passthrough) naming a base or a tokenizer model: there they are the donor's own.
+    first, last = views[0], views[-1]
+    if not whole and not mk and method.max_models == 1 and (recipe.base or tok not in (None, "union")):
+        first = last = _SliceView([Source(model=donor_name)], None, {}, views[0].length)
     for name in pre:
-        make_job(name, dict.fromkeys(all_models, name), views[0], None, None)
+        make_job(name, dict.fromkeys(all_models, name), first, None, None)
     layer_origin: list[int] = []
     out_layer = 0
     for v in views:
@@ -275,7 +282,7 @@ def _plan(recipe, method, names, ckpts, mk, seed) -> MergePlan:
             layer_origin.append(start0 + offset)
             out_layer += 1
     for name in post:
-        make_job(name, dict.fromkeys(all_models, name), views[-1], None, None)
+        make_job(name, dict.fromkeys(all_models, name), last, None, None)
 
     if missing:
         raise CheckpointError(f"{len(missing)} tensor(s) missing from some models, e.g. " + "; ".join(missing[:5]))

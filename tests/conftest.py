@@ -1,6 +1,9 @@
 """Shared fixtures: tiny checkpoints built in-process (never a hub download)."""
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +11,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+if "HF_DATASETS_CACHE" not in os.environ:  # load_task reads jsonl through datasets, which caches
+    _cache = tempfile.mkdtemp(prefix="evomerge-datasets-")
+    atexit.register(shutil.rmtree, _cache, True)
+    os.environ["HF_DATASETS_CACHE"] = _cache
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +37,11 @@ def zoo(tmp_path_factory) -> dict[str, Path]:
 def write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+@pytest.fixture(scope="session")
+def quick_zoo(tmp_path_factory):
+    """The quick preset built once for the session (seed 0)."""
+    from evomerge.zoo.build import build_zoo
+
+    return build_zoo(tmp_path_factory.mktemp("zoo") / "quick", quick=True)

@@ -1,0 +1,154 @@
+"""From a search config to the parts the loop drives: tasks, search space, optimizer, evaluator."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from evomerge.errors import RecipeError
+from evomerge.recipe.schema import Recipe
+from evomerge.search.config import SearchConfig
+from evomerge.search.evaluator import InProcessEvaluator, ScoredTask
+from evomerge.search.store import CACHE
+from evomerge.search.types import CANDIDATE_PREFIX, Optimizer, candidate_ref
+
+
+def _num_layers(model: str) -> int:
+    path = Path(model) / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RecipeError(f"cannot read '{path}': {e}") from None
+    cfg = cfg.get("text_config", cfg)
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(cfg.get(key), int):
+            return cfg[key]
+    raise RecipeError(f"'{path}' does not say how many layers the model has")
+
+
+@dataclass
+class Search:
+    """The loaded parts of a search."""
+
+    config: SearchConfig
+    run_dir: Path
+    tasks: list[ScoredTask]
+    space: Any | None  # a SearchSpace (None in model space)
+    optimizer: Optimizer
+    reference: str  # the checkpoint the evaluator keeps resident
+    cost_objective: bool = False
+    recipes: dict[str, Recipe] = field(default_factory=dict)  # lineage store: recipe hash -> recipe
+
+    def remember(self, recipe_hash: str, recipe: Recipe | dict) -> None:
+        """Make a candidate's recipe resolvable by later lineage recipes."""
+        if recipe_hash not in self.recipes:
+            if isinstance(recipe, dict):
+                from evomerge.recipe.load import parse_recipe
+
+                recipe = parse_recipe(recipe, f"candidate {recipe_hash[:12]}")
+            self.recipes[recipe_hash] = recipe
+
+    def resolver(self):
+        from evomerge.search.lineage import LineageResolver
+
+        return LineageResolver(self.recipes, self.run_dir / CACHE, Path("/"))
+
+    def make_evaluator(self) -> InProcessEvaluator:
+        ev = self.config.evaluation
+        return InProcessEvaluator(self.tasks, self.reference, backend=ev.backend, device=ev.device, dtype=ev.dtype,
+                                  batch_size=ev.batch_size, heldout=ev.heldout == "every",
+                                  backend_options=ev.backend_options, resolver=self.resolver(),
+                                  scratch=self.run_dir / "scratch")
+
+
+def load_tasks(config: SearchConfig) -> list[ScoredTask]:
+    from evomerge.fitness.task import load_task
+
+    tasks = []
+    for i, entry in enumerate(config.tasks):
+        task = load_task(entry.path)
+        for key, split in (("search_split", entry.search_split), ("heldout_split", entry.heldout_split)):
+            if split is not None:
+                try:
+                    task.items(split)
+                except (KeyError, ValueError) as e:
+                    raise RecipeError(f"tasks[{i}].{key}: {e}") from None
+        tasks.append(ScoredTask(task, entry.weight, entry.search_split, entry.heldout_split))
+    names = [t.task.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise RecipeError(f"two tasks share a name: {names}")
+    return tasks
+
+
+def build_search(config: SearchConfig, run_dir: Path) -> Search:
+    """Load tasks, build the space and the optimizer (all validated) for ``config``."""
+    from evomerge.search.optimizers import make_optimizer
+
+    tasks = load_tasks(config)
+    space_cfg = config.space
+    models = config.models
+    recipes: dict[str, Recipe] = {}
+    space = None
+    cost = False
+    opt_kwargs: dict[str, Any] = {}
+    if space_cfg.kind == "parameters":
+        from evomerge.search.space import ParameterSpace
+
+        space = ParameterSpace(method=space_cfg.method, base=models.base, models=list(models.sources),
+                               num_layers=_num_layers(models.sources[0]), layer_groups=space_cfg.layer_groups,
+                               components=space_cfg.components, genes=space_cfg.genes, fixed=space_cfg.fixed,
+                               dtype=space_cfg.dtype, seed=config.seed)
+        reference = models.base or models.sources[0]
+    elif space_cfg.kind == "dataflow":
+        from evomerge.search.dataflow import DataFlowSpace
+
+        model_a, layers_from = space_cfg.model_a, space_cfg.model_a
+        if Path(model_a).is_file():  # a recipe (e.g. a parameter-space result): a lineage source
+            from evomerge.recipe.load import load_recipe
+
+            recipe, root = load_recipe(model_a)
+            recipe = _absolute_recipe(recipe, root)
+            h = recipe.content_hash()
+            recipes[h] = recipe
+            model_a = candidate_ref(h)
+            layers_from = recipe.models()[0]
+        space = DataFlowSpace(model_a, space_cfg.model_b, num_layers=_num_layers(layers_from),
+                              repeats=space_cfg.repeats, scale=tuple(space_cfg.scale), dtype=space_cfg.dtype)
+        cost = space_cfg.cost_objective
+        reference = space_cfg.model_b
+    else:
+        from evomerge.search.lineage import crossover_recipe
+        from evomerge.search.space import identity_recipe
+
+        layers = _num_layers(models.sources[0])
+        opt_kwargs = {"initial": [(m, identity_recipe(m)) for m in models.sources],
+                      "make_child": lambda a, b, split, mix: crossover_recipe(a, b, layers, split, mix),
+                      "num_layers": layers}
+        reference = models.sources[0]
+    optimizer = make_optimizer(config.optimizer.name, config.optimizer.settings, space=space, seed=config.seed,
+                               n_objectives=len(tasks) + int(cost), **opt_kwargs)
+    search = Search(config, run_dir, tasks, space, optimizer, reference, cost, recipes)
+    return search
+
+
+def _absolute_recipe(recipe: Recipe, root: Path) -> Recipe:
+    """``recipe`` with every model path made absolute against ``root`` (lineage refs left alone)."""
+
+    def fix(m: str | None) -> str | None:
+        if m is None or m.startswith(CANDIDATE_PREFIX):
+            return m
+        return str((root / m).resolve())
+
+    def fix_sources(sources):
+        return [s.model_copy(update={"model": fix(s.model)}) for s in sources]
+
+    update: dict[str, Any] = {"base": fix(recipe.base)}
+    if recipe.tokenizer_source and recipe.tokenizer_source not in ("base", "union"):
+        update["tokenizer_source"] = fix(recipe.tokenizer_source)
+    if recipe.sources is not None:
+        update["sources"] = fix_sources(recipe.sources)
+    if recipe.slices is not None:
+        update["slices"] = [sl.model_copy(update={"sources": fix_sources(sl.sources)}) for sl in recipe.slices]
+    return recipe.model_copy(update=update)
