@@ -66,11 +66,22 @@ def objectives(s: Scored, with_cost: bool, heldout: bool = False) -> tuple[float
     return (*values, -(s.cost or 0.0)) if with_cost else values
 
 
-def fronts(items: list[Scored], with_cost: bool):
+def reference_point(config) -> tuple[float, ...]:
+    """The fixed hypervolume reference: 0 for every task score; minus the longest possible path for a
+    data-flow cost objective (costs are negated so that every objective is maximised)."""
+    ref = (0.0,) * len(config.tasks)
+    if config.space.kind == "dataflow" and config.space.cost_objective:
+        from evomerge.search.setup import _num_layers
+
+        ref += (-float(2 * _num_layers(config.space.model_b) * config.space.repeats),)
+    return ref
+
+
+def fronts(items: list[Scored], with_cost: bool, reference: tuple[float, ...] | None = None):
     """(search archive, held-out archive): ParetoArchive over every evaluation, in evaluation order."""
     from evomerge.search.pareto import ParetoArchive
 
-    search, held = ParetoArchive(), ParetoArchive()
+    search, held = ParetoArchive(reference), ParetoArchive(reference)
     for s in items:
         search.add(s.recipe_hash, objectives(s, with_cost))
         h = objectives(s, with_cost, heldout=True)
@@ -88,8 +99,8 @@ def status_text(run_dir: str | Path) -> str:
     config = load_search_config(run_dir / CONFIG)
     with_cost = config.space.kind == "dataflow" and config.space.cost_objective
     items = scored(view, config)
-    search, held = fronts(items, with_cost)
-    budget = config.budget.evaluations
+    search, held = fronts(items, with_cost, reference_point(config))
+    budget = config.budget.model_copy(update=view.budget_update).evaluations
     names = [Path(t.path).stem for t in config.tasks]
     state = f"finished ({view.ended['reason']})" if view.ended else "not finished (running or interrupted)"
     lines = [

@@ -143,10 +143,7 @@ def resume_run(run_dir: str | Path, *, evaluations: int | None = None, wall_time
                            "(edited after the start?); refusing to mix two searches in one journal")
     if view.start.get("format") != FORMAT:
         raise JournalError(f"'{run_dir}': journal format {view.start.get('format')} is not {FORMAT}")
-    budget = config.budget
-    for rec in Journal(run_dir / JOURNAL).read():
-        if rec["kind"] == "resume" and rec.get("budget"):
-            budget = budget.model_copy(update=rec["budget"])
+    budget = config.budget.model_copy(update=view.budget_update)
     update = {k: v for k, v in (("evaluations", evaluations), ("wall_time", wall_time)) if v is not None}
     budget = budget.model_copy(update=update)
     config = config.model_copy(update={"budget": budget})

@@ -73,6 +73,7 @@ class RunView:
     resumes: int = 0
     ended: dict[str, Any] | None = None
     elapsed: float = 0.0  # seconds of search recorded in results/end records
+    budget_update: dict[str, Any] = field(default_factory=dict)  # budget raised by `evomerge resume`
 
     @property
     def evaluated(self) -> int:
@@ -109,6 +110,7 @@ def read_run(run_dir: str | Path) -> RunView:
         elif kind == "resume":
             view.resumes += 1
             view.ended = None
+            view.budget_update.update(rec.get("budget") or {})
         elif kind == "end":
             view.ended = rec
             view.elapsed = max(view.elapsed, rec.get("elapsed", 0.0))
