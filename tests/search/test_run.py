@@ -314,3 +314,22 @@ def test_every_mode_runs_and_an_interrupted_run_continues_exactly(quick_zoo, tmp
     if mode == "dataflow":
         assert any(r.timings["in_place"] == 0.0 for r in view.results.values())  # other layer counts
         assert all(r.cost is not None and r.cost >= 1 for r in view.results.values())
+
+
+def test_parameter_space_result_as_model_a_of_a_dataflow_search(quick_zoo, tmp_path):
+    """Combined PS + DFS: a merge recipe (e.g. the best of a parameter search) is model A of a layer-path
+    search; it is materialized once into the run's cache and every path recipe names it by hash."""
+    ps = tmp_path / "ps_best.yaml"
+    ps.write_text(yaml.safe_dump({
+        "method": "task_arithmetic", "base": str(quick_zoo.base),
+        "sources": [{"model": str(quick_zoo.experts["add"]), "parameters": {"weight": 0.8}},
+                    {"model": str(quick_zoo.experts["reverse"]), "parameters": {"weight": 0.6}}]}))
+    space = {"kind": "dataflow", "model_a": str(ps), "model_b": str(quick_zoo.experts["lexicon"]), "repeats": 1}
+    cfg = config(quick_zoo, tmp_path, optimizer={"name": "random"}, budget=3, space=space)
+    summary = start_run(cfg, tmp_path / "run", progress=False)
+    assert summary.evaluated == 3 and summary.failed == 0
+    view = read_run(tmp_path / "run")
+    refs = {json.dumps(c.recipe).count("candidate:") for c in view.candidates.values()}
+    assert min(refs) >= 1
+    cached = [p for p in (tmp_path / "run" / "cache").iterdir() if (p / "config.json").exists()]
+    assert len(cached) == 1
