@@ -99,6 +99,18 @@ class Evaluation(_Strict):
     backend_options: dict[str, Any] = Field(default_factory=dict, description="extra backend keyword arguments")
 
 
+class Workers(_Strict):
+    """Where candidates are evaluated: Ray actors (a local cluster unless an address is given) or this process."""
+
+    ray: bool = Field(True, description="false: evaluate in this process, one candidate at a time")
+    address: str | None = Field(None, description="an existing Ray cluster (else RAY_ADDRESS, else local)")
+    count: int | None = Field(None, ge=1, description="evaluator actors; null: as many as resources allow")
+    cpus: float = Field(1.0, ge=0, description="CPUs per actor")
+    gpus: float = Field(0.0, ge=0, description="GPUs per actor")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per actor")
+    max_redispatch: int = Field(3, ge=0, description="re-dispatches of a candidate whose worker died")
+
+
 class Optimizer(_Strict):
     name: str
     settings: dict[str, Any] = Field(default_factory=dict)
@@ -136,6 +148,7 @@ class SearchConfig(_Strict):
     space: Space
     tasks: list[TaskEntry] = Field(min_length=1)
     evaluation: Evaluation = Field(default_factory=Evaluation)
+    workers: Workers = Field(default_factory=Workers)
     optimizer: Optimizer
     budget: Budget
 

@@ -80,6 +80,18 @@ class LocalExecutor:
         self.evaluator.close()
 
 
+def make_executor(config: SearchConfig, search: Search) -> Executor:
+    """The executor the config asks for: a Ray actor pool, or this process."""
+    w = config.workers
+    if not w.ray:
+        return LocalExecutor(search.make_evaluator())
+    from evomerge.search.ray_pool import PoolSettings, RayExecutor
+
+    settings = PoolSettings(num_workers=w.count, num_cpus=w.cpus, num_gpus=w.gpus, resources=dict(w.resources),
+                            max_redispatch=w.max_redispatch)
+    return RayExecutor(config, search.run_dir, search.recipes, settings, address=w.address)
+
+
 @dataclass
 class RunSummary:
     run_dir: Path
@@ -93,8 +105,9 @@ class RunSummary:
 
 
 def identity_hash(config: SearchConfig) -> str:
-    """What a journal must match to be continued: the config without its budget and run directory."""
-    return config.model_copy(update={"budget": None, "run_dir": None}).config_hash()
+    """What a journal must match to be continued: the config without its budget, run directory and
+    workers (a run may resume on another cluster)."""
+    return config.model_copy(update={"budget": None, "run_dir": None, "workers": None}).config_hash()
 
 
 @contextlib.contextmanager
@@ -183,7 +196,7 @@ class _Loop:
         self.run_dir = run_dir
         self.progress = progress
         self.search = build_search(config, run_dir)
-        self.executor = executor or LocalExecutor(self.search.make_evaluator())
+        self.executor = executor or make_executor(config, self.search)
         self.journal = Journal(run_dir / JOURNAL)
 
     # -- state restored from the journal -----------------------------------------------------------

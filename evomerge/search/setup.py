@@ -50,17 +50,46 @@ class Search:
                 recipe = parse_recipe(recipe, f"candidate {recipe_hash[:12]}")
             self.recipes[recipe_hash] = recipe
 
-    def resolver(self):
-        from evomerge.search.lineage import LineageResolver
-
-        return LineageResolver(self.recipes, self.run_dir / CACHE, Path("/"))
-
     def make_evaluator(self) -> InProcessEvaluator:
-        ev = self.config.evaluation
-        return InProcessEvaluator(self.tasks, self.reference, backend=ev.backend, device=ev.device, dtype=ev.dtype,
-                                  batch_size=ev.batch_size, heldout=ev.heldout == "every",
-                                  backend_options=ev.backend_options, resolver=self.resolver(),
-                                  scratch=self.run_dir / "scratch")
+        return _evaluator(self.config, self.run_dir, self.tasks, self.reference, self.recipes)
+
+
+def _evaluator(config: SearchConfig, run_dir: Path, tasks, reference: str, recipes: dict[str, Recipe]):
+    from evomerge.search.lineage import LineageResolver
+
+    ev = config.evaluation
+    return InProcessEvaluator(tasks, reference, backend=ev.backend, device=ev.device, dtype=ev.dtype,
+                              batch_size=ev.batch_size, heldout=ev.heldout == "every",
+                              backend_options=ev.backend_options,
+                              resolver=LineageResolver(recipes, run_dir / CACHE, Path("/")),
+                              scratch=run_dir / "scratch")
+
+
+def evaluator_for(config: SearchConfig, run_dir: Path, recipes: dict[str, Recipe]) -> InProcessEvaluator:
+    """An evaluator for ``config`` without building its optimizer (what a remote worker needs); lineage
+    recipes are looked up in ``recipes``, which the caller keeps filling."""
+    recipes.update(_config_recipes(config))
+    return _evaluator(config, run_dir, load_tasks(config), _reference(config), recipes)
+
+
+def _reference(config: SearchConfig) -> str:
+    """The checkpoint an evaluator keeps resident (candidates of its shape are merged into it in place)."""
+    if config.space.kind == "dataflow":
+        return config.space.model_b
+    if config.space.kind == "parameters" and config.models.base:
+        return config.models.base
+    return config.models.sources[0]
+
+
+def _config_recipes(config: SearchConfig) -> dict[str, Recipe]:
+    """Recipes the config itself names as models (a data-flow model A given as a recipe file)."""
+    if config.space.kind == "dataflow" and Path(config.space.model_a).is_file():
+        from evomerge.recipe.load import load_recipe
+
+        recipe, root = load_recipe(config.space.model_a)
+        recipe = _absolute_recipe(recipe, root)
+        return {recipe.content_hash(): recipe}
+    return {}
 
 
 def load_tasks(config: SearchConfig) -> list[ScoredTask]:
@@ -100,24 +129,19 @@ def build_search(config: SearchConfig, run_dir: Path) -> Search:
                                num_layers=_num_layers(models.sources[0]), layer_groups=space_cfg.layer_groups,
                                components=space_cfg.components, genes=space_cfg.genes, fixed=space_cfg.fixed,
                                dtype=space_cfg.dtype, seed=config.seed)
-        reference = models.base or models.sources[0]
     elif space_cfg.kind == "dataflow":
         from evomerge.search.dataflow import DataFlowSpace
 
         model_a, layers_from = space_cfg.model_a, space_cfg.model_a
-        if Path(model_a).is_file():  # a recipe (e.g. a parameter-space result): a lineage source
-            from evomerge.recipe.load import load_recipe
-
-            recipe, root = load_recipe(model_a)
-            recipe = _absolute_recipe(recipe, root)
-            h = recipe.content_hash()
+        given = _config_recipes(config)
+        if given:  # model A is a recipe (e.g. a parameter-space result): a lineage source
+            [(h, recipe)] = given.items()
             recipes[h] = recipe
             model_a = candidate_ref(h)
             layers_from = recipe.models()[0]
         space = DataFlowSpace(model_a, space_cfg.model_b, num_layers=_num_layers(layers_from),
                               repeats=space_cfg.repeats, scale=tuple(space_cfg.scale), dtype=space_cfg.dtype)
         cost = space_cfg.cost_objective
-        reference = space_cfg.model_b
     else:
         from evomerge.search.lineage import crossover_recipe
         from evomerge.search.space import identity_recipe
@@ -126,10 +150,9 @@ def build_search(config: SearchConfig, run_dir: Path) -> Search:
         opt_kwargs = {"initial": [(m, identity_recipe(m)) for m in models.sources],
                       "make_child": lambda a, b, split, mix: crossover_recipe(a, b, layers, split, mix),
                       "num_layers": layers}
-        reference = models.sources[0]
     optimizer = make_optimizer(config.optimizer.name, config.optimizer.settings, space=space, seed=config.seed,
                                n_objectives=len(tasks) + int(cost), **opt_kwargs)
-    search = Search(config, run_dir, tasks, space, optimizer, reference, cost, recipes)
+    search = Search(config, run_dir, tasks, space, optimizer, _reference(config), cost, recipes)
     return search
 
 

@@ -31,6 +31,7 @@ def config(quick_zoo, tmp_path, *, optimizer=None, budget=12, sources=("add", "r
         "optimizer": optimizer or {"name": "cmaes", "settings": {"popsize": 4}},
         "budget": {"evaluations": budget},
         "evaluation": {"batch_size": 64},
+        "workers": {"ray": False},
     }
     data.update(over)
     return parse_search_config(data, tmp_path)
