@@ -66,10 +66,22 @@ def _run(args: argparse.Namespace) -> int:
     from evomerge.search.report import status_text
     from evomerge.search.run import start_run
 
-    config = load_search_config(args.config)
+    config = _with_workers(load_search_config(args.config), args)
     summary = start_run(config, args.run_dir, progress=not args.quiet)
     print(status_text(summary.run_dir))
     return 0
+
+
+def _with_workers(config, args: argparse.Namespace):
+    """The config with the command line's worker settings applied (they are not part of a run's identity)."""
+    update = {}
+    if args.no_ray:
+        update["ray"] = False
+    if args.ray_address:
+        update["address"] = args.ray_address
+    if args.workers is not None:
+        update["count"] = args.workers
+    return config.model_copy(update={"workers": config.workers.model_copy(update=update)}) if update else config
 
 
 def _resume(args: argparse.Namespace) -> int:
@@ -77,7 +89,7 @@ def _resume(args: argparse.Namespace) -> int:
     from evomerge.search.run import resume_run
 
     summary = resume_run(args.run_dir, evaluations=args.evaluations, wall_time=args.wall_time,
-                         progress=not args.quiet)
+                         progress=not args.quiet, workers=lambda c: _with_workers(c, args))
     print(status_text(summary.run_dir))
     return 0
 
@@ -87,6 +99,12 @@ def _status(args: argparse.Namespace) -> int:
 
     print(status_text(args.run_dir))
     return 0
+
+
+def _worker_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: RAY_ADDRESS, else local)")
+    p.add_argument("--workers", type=int, default=None, help="evaluator actors (default: as resources allow)")
+    p.add_argument("--no-ray", action="store_true", help="evaluate in this process, one candidate at a time")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,12 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config", help="search config YAML")
     r.add_argument("--run-dir", default=None, help="where the run lives (default: the config's run_dir)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _worker_flags(r)
     r.set_defaults(func=_run)
     rs = sub.add_parser("resume", help="continue an interrupted (or finished) search")
     rs.add_argument("run_dir")
     rs.add_argument("--evaluations", type=int, default=None, help="raise the evaluation budget to N")
     rs.add_argument("--wall-time", type=float, default=None, help="raise the wall-time budget to S seconds")
     rs.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _worker_flags(rs)
     rs.set_defaults(func=_resume)
     st = sub.add_parser("status", help="progress, best so far, Pareto front size and hypervolume of a run")
     st.add_argument("run_dir")

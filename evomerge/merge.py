@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 
 from evomerge.checkpoint.writer import CheckpointWriter, output_config
 from evomerge.errors import NonFiniteError
-from evomerge.kernels import chunked
+from evomerge.kernels import chunked, fused
 from evomerge.kernels.select import BLOCK
 from evomerge.plan import InputRef, MergePlan, TensorJob
 
@@ -52,6 +53,50 @@ def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device | str = "
     raws = load_inputs(plan, job) if raws is None else raws
     if job.copy:
         return raws[0].to(device)
+    structure = _fused_structure(plan, job, raws)
+    numel = math.prod(job.out.shape)
+    if structure is not None and fused.wanted(structure, numel, torch.device(device)):
+        out = _merge_fused(plan, job, raws)
+        if out is not None:
+            return out
+    start = time.perf_counter()
+    out = _merge_eager(plan, job, device, raws)
+    if structure is not None and numel >= fused.MIN_NUMEL:
+        fused.note_eager(structure, time.perf_counter() - start)
+    return out
+
+
+def _fused_structure(plan: MergePlan, job: TensorJob, raws: list[torch.Tensor]) -> tuple | None:
+    """The compiled-kernel structure for this job, or None if it has no fused form."""
+    fn = plan.method.fn
+    if job.vocab_rows is not None or job.base is None or not chunked.supports(fn, job.model_params, job.global_params):
+        return None
+    return chunked.fused_structure(fn, tuple(r.dtype for r in raws), job.out.dtype)
+
+
+def _merge_fused(plan: MergePlan, job: TensorJob, raws: list[torch.Tensor]) -> torch.Tensor | None:
+    """Merge with compiled chunk kernels (CPU); None if they are unavailable (the caller merges eagerly)."""
+    refs = _refs(job)
+    flats = [r.reshape(-1) for r in raws]
+    out = torch.empty(job.out.shape, dtype=job.out.dtype)
+    what = f"the merged tensor '{job.out.name}' (method {plan.method.name})"
+
+    def on_nonfinite(start: int, end: int) -> None:
+        for ref, r in zip(refs, flats, strict=True):
+            _finite(r[start:end].float(), _describe(plan, ref))
+        _finite(out.view(-1)[start:end].float(), what)
+
+    scaling = plan.recipe.depth_scaling
+    try:
+        return chunked.run_fused(plan.method.fn, flats, list(job.model_params), job.global_params, job.ctx, out,
+                                 scale=scaling.scale(job.ctx.depth) if scaling is not None else 1.0,
+                                 on_nonfinite=on_nonfinite)
+    except fused.Unavailable:
+        return None
+
+
+def _merge_eager(plan: MergePlan, job: TensorJob, device: torch.device | str, raws: list[torch.Tensor]) -> torch.Tensor:
+    """Eager torch: chunk loops for large tensors of chunkable methods, else the whole tensor in float32."""
     if job.vocab_rows is None and job.out.nbytes > 4 * CHUNK:
         if plan.method.elementwise:
             return _merge_chunked(plan, job, [r.to(device) for r in raws])
@@ -143,20 +188,29 @@ def run_merge(plan: MergePlan, out_dir: str | Path, *, device: str = "cpu", max_
     from evomerge.util.memory import reuse_large_allocations
 
     reuse_large_allocations()
-    # One core goes to the reader thread: oversubscribed OpenMP workers spin at every barrier.
+    # One core goes to the I/O thread: oversubscribed OpenMP workers spin at every barrier.
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads - 1))
     writer = CheckpointWriter(out_dir, [j.out for j in plan.jobs], max_shard_bytes=max_shard_bytes,
                               overwrite=overwrite)
     jobs = plan.jobs
     try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="evomerge-read") as reader:
-            ahead = reader.submit(load_inputs, plan, jobs[0]) if jobs else None
+        # One I/O thread reads each job's inputs ahead and writes each result behind the arithmetic, in
+        # that order; at most one result waits for its write, so memory grows by one output at most.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="evomerge-io") as io:
+            ahead = io.submit(load_inputs, plan, jobs[0]) if jobs else None
+            written = None
             for i, job in enumerate(tqdm(jobs, desc=f"merge ({plan.method.name})", unit="tensor",
                                          disable=not progress)):
                 raws = ahead.result()
-                ahead = reader.submit(load_inputs, plan, jobs[i + 1]) if i + 1 < len(jobs) else None
-                writer.write(job.out.name, merge_tensor(plan, job, device, raws))
+                ahead = io.submit(load_inputs, plan, jobs[i + 1]) if i + 1 < len(jobs) else None
+                out = merge_tensor(plan, job, device, raws)
+                if written is not None:
+                    written.result()
+                written = io.submit(writer.write, job.out.name, out)
+                del raws, out
+            if written is not None:
+                written.result()
         donor = plan.checkpoints[plan.donor]
         config = output_config(donor.config, dtype=plan.out_dtype, layer_origin=plan.layer_origin)
         return writer.finish(config, donor.path)

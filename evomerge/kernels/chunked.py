@@ -9,16 +9,20 @@ few times instead of once per operation.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 
 import torch
 
+from evomerge.kernels import fused
 from evomerge.kernels.registry import TensorContext
-from evomerge.kernels.select import BLOCK, StreamTopK, exact_count, uniform
+from evomerge.kernels.select import BLOCK, StreamTopK, exact_count, stream_seed, uniform
 from evomerge.kernels.taskvector import (
+    Consensus,
     Magnitude,
     MagnitudeBand,
     RandomDrop,
+    SignElection,
     Sparsifier,
     TaskVectorPipeline,
     band_counts,
@@ -94,3 +98,145 @@ def run_chunked(pipe: TaskVectorPipeline, raws: list[torch.Tensor], mps, gp, ctx
         merged = pipe.combine(ts, base, mps, gp)
         flat[start:end] = post(merged, base) if post is not None else merged
     return out
+
+
+# ---------------------------------------------------------------- fused (compiled) chunk kernels
+
+
+def fused_structure(pipe, dtypes: tuple[torch.dtype, ...], out_dtype: torch.dtype) -> tuple | None:
+    """The kernel structure ``run_fused`` compiles for a merge of inputs of ``dtypes`` (sources then base),
+    or None if the method has no fused form.
+
+    Fused forms exist for task arithmetic, TIES, breadcrumbs and DARE (any consensus of none or sign
+    election, DARE rescale 'inverse' or 'none'); the other pipelines stay on the eager chunk loop.
+    """
+    if not isinstance(pipe, TaskVectorPipeline) or pipe.energy_weights:
+        return None
+    kind = {Sparsifier: "none", Magnitude: "topk", MagnitudeBand: "band", RandomDrop: "drop"}.get(type(pipe.sparsifier))
+    if kind is None or type(pipe.consensus) not in (Consensus, SignElection):
+        return None
+    return kind, type(pipe.consensus) is SignElection, len(dtypes) - 1, dtypes, out_dtype
+
+
+def run_fused(pipe: TaskVectorPipeline, raws: list[torch.Tensor], mps, gp, ctx: TensorContext, out: torch.Tensor,
+              *, scale: float = 1.0, on_nonfinite: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Merge into ``out`` like ``run_chunked`` (then depth scaling by ``scale``) with compiled kernels.
+
+    ``raws``: flat sources then the base, stored dtype. ``on_nonfinite(start, end)`` runs for a chunk whose
+    inputs or result are not all finite, after its result is in ``out`` (it raises, naming the culprit).
+    Raises ``fused.Unavailable`` if a kernel cannot be compiled; ``out`` is then partly written.
+    """
+    kind, sign, count, dtypes, _ = fused_structure(pipe, tuple(r.dtype for r in raws), out.dtype)
+    flat = out.view(-1)
+    n = flat.numel()
+    spans = [(a, min(n, a + fused.CHUNK)) for a in range(0, n, fused.CHUNK)]
+    zero = torch.zeros((), dtype=torch.float32)
+    scaling = [float(scale), float(scale != 1.0)]
+    coefficients = pipe.one_pass_coefficients(mps, gp) if pipe.elementwise else None
+    if coefficients is not None:
+        ta = fused.kernel(("ta", count, dtypes, out.dtype), lambda: fused.ta_body(count))
+        fp = torch.tensor([coefficients[0], *coefficients[1], *scaling], dtype=torch.float32)
+        for a, b in spans:
+            _check(ta(*[r[a:b] for r in raws], fp, zero, flat[a:b]), a, b, on_nonfinite)
+        return out
+    sels = [_selections(pipe, mp, n, out.device) if kind in ("topk", "band") else [] for mp in mps]
+    live = [(i, s) for i, row in enumerate(sels) for s in row if not s.trivial]
+    if live:
+        _settle(live, raws, spans, dtypes)
+    weights = [mp.weight for mp in mps]
+    normalize = gp.normalize if pipe.normalize is None else pipe.normalize
+    divisor = sum(weights) if normalize and sum(weights) != 0 else 1.0
+    fp = [gp.lam, divisor, *scaling, float(normalize)]
+    for mp, row in zip(mps, sels, strict=True):
+        bounds = [s.bound for s in row] + [-1.0, math.inf][len(row):]  # no selection: keep all, cut none
+        drop = kind == "drop" and mp.density < 1.0
+        p = mp.density if drop else 1.0
+        fp += [mp.weight, *bounds, p, p if drop and gp.rescale == "inverse" else 1.0]
+    fp = torch.tensor(fp, dtype=torch.float32)
+    keys = [stream_seed(ctx.seed, ctx.model_ids[i], ctx.name) for i in range(count)] if kind == "drop" else None
+    combine = fused.kernel(("pipe", kind, sign, count, dtypes, out.dtype),
+                           lambda: fused.pipe_body(count, kind, sign))
+    ties = _TieCounter(live, raws, dtypes)
+    for a, b in spans:
+        ip = [a]
+        for i, row in enumerate(sels):
+            ip += [s.tie_cut(a, b, ties.count(s, a, b), ties.nth(i, s, a, b)) for s in row] + [0] * (2 - len(row))
+            ip += [keys[i] & 0xFFFFFFFF, ((keys[i] >> 32) ^ (a >> 32)) & 0xFFFFFFFF] if keys else [0, 0]
+        flag = combine(*[r[a:b] for r in raws], fp, torch.tensor(ip, dtype=torch.int64), zero, flat[a:b])
+        _check(flag, a, b, on_nonfinite)
+    return out
+
+
+def _check(flag: torch.Tensor, a: int, b: int, on_nonfinite) -> None:
+    if float(flag) != 0.0 and on_nonfinite is not None:  # NaN: some input or result entry is not finite
+        on_nonfinite(a, b)
+
+
+def _settle(live, raws: list[torch.Tensor], spans, dtypes) -> None:
+    """The two histogram passes of every live StreamTopK, with fused kernels computing the keys."""
+    count = len(raws) - 1
+    models = tuple(sorted({i for i, _ in live}))
+    bits = fused.kernel(("bits", count, dtypes, models), lambda: fused.magnitude_bits_body(count, models))
+    for a, b in spans:
+        for i, keys in zip(models, bits(*[r[a:b] for r in raws]), strict=True):
+            counts = torch.bincount(keys.bitwise_right_shift_(16), minlength=1 << 15)
+            for j, s in live:
+                if j == i:  # breadcrumbs: both selections of a model see the same histogram
+                    s.add_high(counts)
+    for _, s in live:
+        s.choose_bucket()
+    owners = tuple(i for i, _ in live)
+    low = fused.kernel(("low", count, dtypes, owners), lambda: fused.low_keys_body(count, owners))
+    ranges = torch.tensor([s.bucket_range() for _, s in live], dtype=torch.float32)
+    for a, b in spans:
+        for (_, s), keys in zip(live, low(*[r[a:b] for r in raws], ranges), strict=True):
+            s.add_low(torch.bincount(keys, minlength=fused.LOW_BINS + fused.SPREAD))
+    for _, s in live:
+        s.finish()
+
+
+class _TieCounter:
+    """Where the values equal to each live selection's threshold lie in a chunk: counts per TIE_BLOCK block
+    from one fused kernel call (made only while some selection still places its last kept tie), then
+    the position of the j-th inside its block, eagerly."""
+
+    def __init__(self, live, raws: list[torch.Tensor], dtypes):
+        self.live, self.raws, self.at, self.blocks = live, raws, None, None
+        count = len(raws) - 1
+        owners = tuple(i for i, _ in live)
+        self.kernel = fused.kernel(("ties", count, dtypes, owners), lambda: fused.tie_count_body(count, owners)) \
+            if live else None
+        self.thr = torch.tensor([s.bound for _, s in live], dtype=torch.float32)
+
+    def _magnitude(self, i: int, a: int, b: int) -> torch.Tensor:
+        return (self.raws[i][a:b].float() - self.raws[-1][a:b].float()).abs_()
+
+    def _counts(self, a: int, b: int) -> torch.Tensor:
+        """int64 [S, blocks]: ties per block of [a, b); a last partial block is counted eagerly."""
+        if self.at != a:
+            size = fused.TIE_BLOCK
+            whole = (b - a) // size * size
+            parts = []
+            if whole:
+                parts.append(self.kernel(*[r[a:a + whole].view(-1, size) for r in self.raws], self.thr))
+            if whole < b - a:
+                parts.append(torch.stack([(self._magnitude(i, a + whole, b) == s.bound).sum().view(1)
+                                          for i, s in self.live]))
+            self.blocks, self.at = torch.cat(parts, dim=1), a
+        return self.blocks
+
+    def _index(self, sel: StreamTopK) -> int:
+        return next(k for k, (_, s) in enumerate(self.live) if s is sel)
+
+    def count(self, sel: StreamTopK, a: int, b: int) -> Callable[[], int]:
+        return lambda: int(self._counts(a, b)[self._index(sel)].sum())
+
+    def nth(self, i: int, sel: StreamTopK, a: int, b: int) -> Callable[[int], int]:
+        def position(j: int) -> int:
+            running = self._counts(a, b)[self._index(sel)].cumsum(0)
+            block = int(torch.searchsorted(running, j))  # the first block where the running count reaches j
+            before = int(running[block - 1]) if block else 0
+            lo = a + block * fused.TIE_BLOCK
+            ties = torch.nonzero(self._magnitude(i, lo, min(b, lo + fused.TIE_BLOCK)) == sel.bound).flatten()
+            return lo + int(ties[j - before - 1])
+        return position

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
+from collections.abc import Callable
 
 import torch
 
@@ -14,7 +15,7 @@ def exact_count(fraction: float, n: int) -> int:
     return min(n, max(0, math.floor(round(fraction * n, 6))))
 
 
-BLOCK = 1 << 18  # elements per random-stream block and per chunk of chunked merging (1 MiB of float32)
+BLOCK = 1 << 18  # elements per chunk of eager chunked merging (1 MiB of float32)
 
 
 def _select_bucket(keys: torch.Tensor, bins: int, k: int) -> tuple[int, int]:
@@ -67,6 +68,11 @@ def top_k_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     return mask.view(magnitude.shape)
 
 
+def _float(bits: int) -> float:
+    """The float32 with this bit pattern."""
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
 class StreamTopK:
     """Exact top-k of non-negative float32 values seen chunk by chunk, with the same result as top_k_mask.
 
@@ -84,18 +90,34 @@ class StreamTopK:
         self.ties_seen = 0
 
     def observe_high(self, magnitude: torch.Tensor) -> None:
-        self.high += torch.bincount(magnitude.reshape(-1).view(torch.int32) >> 16, minlength=1 << 15)
+        self.add_high(torch.bincount(magnitude.reshape(-1).view(torch.int32) >> 16, minlength=1 << 15))
+
+    def add_high(self, counts: torch.Tensor) -> None:
+        """First pass, from a histogram of the top 16 bits computed elsewhere (a fused kernel)."""
+        self.high += counts
 
     def choose_bucket(self) -> None:
         self.bucket, self.above = _bucket_from_counts(self.high, self.k)
 
     def observe_low(self, magnitude: torch.Tensor) -> None:
         bits = magnitude.reshape(-1).view(torch.int32)
-        self.low += torch.bincount(bits[(bits >> 16) == self.bucket] & 0xFFFF, minlength=1 << 16)
+        self.add_low(torch.bincount(bits[(bits >> 16) == self.bucket] & 0xFFFF, minlength=1 << 16))
+
+    def add_low(self, counts: torch.Tensor) -> None:
+        """Second pass, from a histogram of the low 16 bits of the bucket's values computed elsewhere."""
+        self.low += counts[: 1 << 16]
+
+    def bucket_range(self) -> tuple[float, float, float, float]:
+        """After ``choose_bucket``: (lo, hi, f1, f2) with the bucket's values v in [lo, hi), and the low 16 bits
+        of v's pattern equal to (v - lo) * f1 * f2 exactly (f1 * f2 = 1 / ulp, split to stay in range)."""
+        exponent = max(1, self.bucket >> 7)  # subnormals share the ulp of the smallest exponent
+        scale = 150 - exponent  # 1 / ulp = 2^scale for values with this exponent
+        return _float(self.bucket << 16), _float((self.bucket + 1) << 16), 2.0 ** (scale // 2), \
+            2.0 ** (scale - scale // 2)
 
     def finish(self) -> None:
         sub, above_in_bucket = _bucket_from_counts(self.low, self.k - self.above)
-        self.threshold = struct.unpack("<f", struct.pack("<i", (self.bucket << 16) | sub))[0]
+        self.threshold = _float((self.bucket << 16) | sub)
         self.ties_wanted = self.k - self.above - above_in_bucket
         self.ties_total = int(self.low[sub])
 
@@ -113,22 +135,81 @@ class StreamTopK:
             self.ties_seen += count
         return keep
 
+    @property
+    def bound(self) -> float:
+        """The threshold as the fused kernels use it: values above it, or equal at positions below
+        ``tie_cut``, are kept (every value above -1 when all are kept, none above +inf when none are)."""
+        if self.trivial:
+            return -1.0 if self.k > 0 else math.inf
+        return self.threshold
+
+    def tie_cut(self, start: int, end: int, count: Callable[[], int], nth: Callable[[int], int]) -> int:
+        """For chunk [start, end), called on the chunks in order: the position bound below which values equal
+        to the threshold are kept. ``count()``: how many equal it in the chunk; ``nth(j)``: the position of
+        the j-th of them (1-based). Both are called only while the chunk decides where the ties end."""
+        if self.trivial or self.ties_wanted == self.ties_total:
+            return 1 << 62
+        remaining = self.ties_wanted - self.ties_seen
+        if remaining <= 0:
+            return 0
+        found = count()
+        if found <= remaining:
+            self.ties_seen += found
+            return end
+        self.ties_seen += remaining
+        return nth(remaining) + 1
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 (C. Wellons' hash prospector), in place on int64 values in [0, 2^32): a bijection of them.
+
+    The second multiplier 0x846CA68B is applied as its negative residue 0x846CA68B - 2^32, which gives the
+    same product mod 2^32 while keeping every int64 product below 2^63 in magnitude (no overflow).
+    """
+    x.bitwise_xor_(x >> 16).mul_(0x7FEB352D).bitwise_and_(_M32)
+    x.bitwise_xor_(x >> 15).mul_(-0x7B935975).bitwise_and_(_M32)
+    return x.bitwise_xor_(x >> 16)
+
+
+def hashed_uniform(low: torch.Tensor, k1, k2) -> torch.Tensor:
+    """Uniform [0, 1) float32 draws for int64 positions ``low`` in [0, 2^32) of the stream keyed (k1, k2).
+
+    A counter-based generator: each draw is a hash of its position, (lowbias32(position ^ k1) ^ k2) / 2^32
+    to 24 bits, so any chunking of a tensor draws the same values, and a fused (compiled) kernel computes
+    them with the same integer operations. One round of the hash: within a stream it is a bijection of the
+    positions with full avalanche; streams of different keys see it at positions that differ in the bits
+    of k1 ^ k1'. The keys are ints or 0-d int64 tensors in [0, 2^32); draws are multiples of 2^-24.
+    """
+    x = _mix32(low.bitwise_xor(k1)).bitwise_xor_(k2)
+    return (x >> 8).to(torch.float32).mul_(2.0 ** -24)
+
+
+def stream_keys(seed: int, model_id: str, tensor_name: str, start: int = 0) -> tuple[int, int]:
+    """The hash keys (k1, k2) of one (seed, model, tensor) stream for positions in the 2^32-window of ``start``."""
+    key = stream_seed(seed, model_id, tensor_name)
+    return key & _M32, ((key >> 32) ^ (start >> 32)) & _M32
+
 
 def uniform(seed: int, model_id: str, tensor_name: str, start: int, end: int,
             device: torch.device | str = "cpu") -> torch.Tensor:
-    """Uniform [0, 1) draws for flat positions [start, end) of a tensor; start is a multiple of BLOCK.
+    """Uniform [0, 1) float32 draws for flat positions [start, end) of a tensor.
 
-    Each BLOCK of positions has its own stream, seeded by (seed, model, tensor, block), so a chunked
-    merge and a whole-tensor merge draw identical values.
+    Seeded by (seed, model, tensor) and computed from each position alone (``hashed_uniform``), so a
+    chunked merge, a fused kernel and a whole-tensor merge draw identical values. Works BLOCK positions
+    at a time to bound the int64 temporaries.
     """
-    if start % BLOCK:
-        raise ValueError(f"start {start} is not a multiple of {BLOCK}")
-    parts = []
-    for block_start in range(start, end, BLOCK):
-        size = min(BLOCK, end - block_start)
-        g = generator(seed, model_id, f"{tensor_name}#{block_start // BLOCK}", device)
-        parts.append(torch.rand(size, generator=g, device=device))
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    out = torch.empty(max(0, end - start), dtype=torch.float32, device=device)
+    a = start
+    while a < end:
+        b = min(end, a + BLOCK, (a | _M32) + 1)  # a piece never crosses a 2^32 boundary
+        k1, k2 = stream_keys(seed, model_id, tensor_name, a)
+        low = torch.arange(a & _M32, (a & _M32) + (b - a), dtype=torch.int64, device=device)
+        out[a - start:b - start] = hashed_uniform(low, k1, k2)
+        a = b
+    return out
 
 
 def stream_seed(seed: int, model_id: str, tensor_name: str) -> int:

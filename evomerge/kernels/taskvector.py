@@ -235,7 +235,8 @@ class TaskVectorPipeline:
         return type(self.sparsifier) is Sparsifier and type(self.consensus) is Consensus and not self.energy_weights
 
     @staticmethod
-    def _one_pass(xs, base, mps, gp):
+    def one_pass_coefficients(mps, gp) -> tuple[float, list[float]] | None:
+        """(1 - c W, [c w_i]) of the one-pass form b (1 - c W) + sum_i c w_i x_i, or None to use task vectors."""
         weights = [mp.weight for mp in mps]
         total = sum(weights)
         c = gp.lam / (total if total != 0 else 1.0) if gp.normalize else gp.lam
@@ -243,10 +244,17 @@ class TaskVectorPipeline:
         # while that amplification is modest (normalizing by a near-zero sum of weights would swamp t_i).
         if abs(c) * sum(abs(w) for w in weights) > 16.0:
             return None
+        return 1.0 - c * total, [c * w for w in weights]
+
+    @staticmethod
+    def _one_pass(xs, base, mps, gp):
+        coefficients = TaskVectorPipeline.one_pass_coefficients(mps, gp)
+        if coefficients is None:
+            return None
         # b + c * sum_i w_i (x_i - b) computed as b (1 - c W) + c sum_i w_i x_i: one pass per input.
-        out = base.mul(1.0 - c * total)
-        for x, w in zip(xs, weights, strict=True):
-            out.add_(x, alpha=c * w)
+        out = base.mul(coefficients[0])
+        for x, alpha in zip(xs, coefficients[1], strict=True):
+            out.add_(x, alpha=alpha)
         return out
 
     def __call__(self, xs, base, mps, gp, ctx):

@@ -114,7 +114,7 @@ class RayExecutor:
     """A pool of EvaluatorActors behind the run loop's Executor interface."""
 
     def __init__(self, config, run_dir: str | Path, store: dict[str, Recipe], settings: PoolSettings | None = None,
-                 *, address: str | None = None):
+                 *, address: str | None = None, actor_cls: type = _Actor):
         import ray
 
         self.settings = settings or PoolSettings()
@@ -130,7 +130,7 @@ class RayExecutor:
                                 "max_task_retries": 0}
         if s.resources:
             opts["resources"] = dict(s.resources)
-        self._actor_cls = ray.remote(**opts)(_Actor)
+        self._actor_cls = ray.remote(**opts)(actor_cls)
         want = s.num_workers or self._fits()
         if want < 1:
             raise EvomergeError(f"the Ray cluster has no room for one evaluator ({s.num_cpus} CPU, "
@@ -139,6 +139,7 @@ class RayExecutor:
         self.slots: list[_Slot] = []
         self._start(want)
         self._pending: dict[Any, tuple[int, Recipe, _Slot]] = {}  # object ref -> (key, recipe, slot)
+        self._sent: dict[Any, float] = {}  # object ref -> when it was dispatched
         self._queue: deque[tuple[int, Recipe]] = deque()
         self._redispatched: dict[int, int] = {}
         self.deaths = 0
@@ -219,6 +220,7 @@ class RayExecutor:
                 ref = slot.handle.evaluate.remote(recipe.model_dump(mode="json", exclude_defaults=True), lineage)
                 slot.busy = key
                 self._pending[ref] = (key, recipe, slot)
+                self._sent[ref] = time.perf_counter()
 
     def next_finished(self):
         while True:
@@ -229,6 +231,7 @@ class RayExecutor:
                     raise EvomergeError("every evaluator actor is gone and none could be started again")
             [ref], _ = self._ray.wait(list(self._pending), num_returns=1)
             key, recipe, slot = self._pending.pop(ref)
+            sent = self._sent.pop(ref)
             slot.busy = None
             try:
                 outcome = self._ray.get(ref)
@@ -241,6 +244,9 @@ class RayExecutor:
             except self._ray.exceptions.RayError as err:  # node lost, object lost, ...
                 self._lost(slot, key, recipe, err)
                 continue
+            # driver-side round trip; what the actor did not spend on the candidate is dispatch overhead
+            outcome.timings["roundtrip"] = time.perf_counter() - sent
+            outcome.timings["dispatch"] = outcome.timings["roundtrip"] - outcome.timings.get("actor_total", 0.0)
             self._dispatch()
             return key, outcome, None
 

@@ -146,7 +146,7 @@ def start_run(config: SearchConfig, run_dir: str | Path | None = None, *, execut
 
 
 def resume_run(run_dir: str | Path, *, evaluations: int | None = None, wall_time: float | None = None,
-               executor: Executor | None = None, progress: bool = True) -> RunSummary:
+               executor: Executor | None = None, progress: bool = True, workers=None) -> RunSummary:
     """Continue the search in ``run_dir``; ``evaluations`` / ``wall_time`` raise its budget."""
     run_dir = Path(run_dir)
     view = read_run(run_dir)  # refuses a directory without a journal
@@ -160,6 +160,8 @@ def resume_run(run_dir: str | Path, *, evaluations: int | None = None, wall_time
     update = {k: v for k, v in (("evaluations", evaluations), ("wall_time", wall_time)) if v is not None}
     budget = budget.model_copy(update=update)
     config = config.model_copy(update={"budget": budget})
+    if workers is not None:  # e.g. another cluster address than the one the run started on
+        config = workers(config)
     with _locked(run_dir):
         with Journal(run_dir / JOURNAL) as journal:
             journal.append({"kind": "resume", "t": time.time(), "budget": update or None,
@@ -196,6 +198,8 @@ class _Loop:
         self.run_dir = run_dir
         self.progress = progress
         self.search = build_search(config, run_dir)
+        if executor is not None and not hasattr(executor, "submit"):
+            executor = executor(self.search)  # a factory: it needs the search (e.g. its lineage store)
         self.executor = executor or make_executor(config, self.search)
         self.journal = Journal(run_dir / JOURNAL)
 

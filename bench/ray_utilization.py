@@ -1,0 +1,166 @@
+"""Worker utilization and per-candidate overhead of the Ray evaluation pool, measured in one run.
+
+    python bench/ray_utilization.py [--zoo DIR] [--workers 2] [--budget 40] [--delay 1.0]
+
+On a local Ray cluster, evaluator actors score tiny-zoo merges. To make evaluation times heterogeneous
+(as they are between short and long answers, or models of different depth), each candidate also sleeps
+U(0, delay) seconds inside the actor, drawn from its recipe hash. For M2N2 (steady state) and CMA-ES
+(popsize a multiple of the worker count) the same search runs twice: with the asynchronous loop, and
+behind a barrier that dispatches a batch of `workers` candidates and waits for all of them (the
+generation-barrier baseline).
+
+Utilization = sum of the actors' busy time (materialize + evaluate, as each actor measured it) /
+(workers x wall time from the first dispatch to the last result). Overhead per candidate = (driver
+round trip - actor busy time) + materialization, as a share of the evaluation time, measured without the
+artificial delay (on the tiny zoo one evaluation takes a fraction of a second, so fixed costs weigh more
+than they would on a real model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from evomerge.search.ray_pool import _Actor
+
+SKILLS = ("add", "reverse", "lexicon")
+
+
+class SlowActor(_Actor):
+    """The real evaluator plus U(0, delay) seconds per candidate, fixed by the recipe."""
+
+    delay = 1.0
+
+    def evaluate(self, recipe_json, lineage):
+        start = time.perf_counter()
+        out = super().evaluate(recipe_json, lineage)
+        u = int.from_bytes(hashlib.sha256(repr(sorted(recipe_json.items())).encode()).digest()[:4], "little")
+        time.sleep(self.delay * u / 2**32)
+        out.timings["actor_total"] = time.perf_counter() - start
+        return out
+
+
+class Barrier:
+    """Wraps an executor: hand out a batch of `capacity` candidates, then wait until all are back."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.width = inner.capacity
+        self.in_flight = 0
+        self.open = True
+
+    @property
+    def capacity(self) -> int:
+        return self.width if self.open else self.in_flight
+
+    def submit(self, key, recipe):
+        self.in_flight += 1
+        if self.in_flight >= self.width:
+            self.open = False
+        self.inner.submit(key, recipe)
+
+    def next_finished(self):
+        out = self.inner.next_finished()
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self.open = True
+        return out
+
+    def close(self):
+        self.inner.close()
+
+
+def config(zoo, run_dir, optimizer, budget, workers):
+    from evomerge.search.config import parse_search_config
+
+    return parse_search_config({
+        "name": "bench", "seed": 0, "run_dir": str(run_dir),
+        "models": {"base": str(zoo.base), "sources": [str(zoo.experts[s]) for s in SKILLS]},
+        "space": {"kind": "parameters", "method": "task_arithmetic", "layer_groups": 3},
+        "tasks": [{"path": str(zoo.tasks[s])} for s in SKILLS],
+        "optimizer": optimizer, "budget": {"evaluations": budget},
+        "evaluation": {"heldout": "none"},
+        "workers": {"ray": True, "count": workers},
+    }, Path("/"))
+
+
+def measure(zoo, root, name, optimizer, budget, workers, delay, barrier):
+    from evomerge.search.ray_pool import PoolSettings, RayExecutor
+    from evomerge.search.run import start_run
+    from evomerge.search.store import read_run
+
+    run_dir = root / name
+    cfg = config(zoo, run_dir, optimizer, budget, workers)
+    SlowActor.delay = delay
+
+    def executor(search):
+        pool = RayExecutor(cfg, run_dir, search.recipes, PoolSettings(num_workers=workers), actor_cls=SlowActor)
+        return Barrier(pool) if barrier else pool
+
+    start_run(cfg, run_dir, executor=executor, progress=False)
+    view = read_run(run_dir)
+    results = list(view.results.values())
+    asked = {c.recipe_hash: c.asked_at for c in view.candidates.values()}
+    first = min(asked[r.recipe_hash] for r in results)
+    ends = [rec["t"] for rec in _results(run_dir)]
+    wall = max(ends) - first
+    busy = sum(r.timings["actor_total"] for r in results)
+    util = busy / (workers * wall)
+    over = [(r.timings["dispatch"] + r.timings["materialize"]) / r.timings["evaluate"] for r in results]
+    return util, wall, sum(over) / len(over), results
+
+
+def _results(run_dir):
+    from evomerge.search.journal import Journal
+
+    return [r for r in Journal(Path(run_dir) / "journal.jsonl").read() if r["kind"] == "result"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--zoo", default=os.environ.get("EVOMERGE_ZOO", ".cache/zoo"))
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--budget", type=int, default=40)
+    parser.add_argument("--delay", type=float, default=1.0)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import ray
+
+    from evomerge.zoo.build import build_zoo
+
+    zoo = build_zoo(args.zoo)
+    ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
+    root = Path(tempfile.mkdtemp(prefix="bench-ray-"))
+    w = args.workers
+    print(f"local Ray, {w} evaluator actors, {os.cpu_count()} CPUs; tiny zoo; {args.budget} evaluations per row; "
+          f"extra delay U(0, {args.delay}) s per candidate\n")
+    print(f"{'search':36s} {'loop':9s} {'utilization':>11s} {'wall s':>7s}")
+    rows = [("M2N2 (steady state)", {"name": "m2n2", "settings": {"archive_size": 8}}),
+            (f"CMA-ES (popsize {2 * w})", {"name": "cmaes", "settings": {"popsize": 2 * w}})]
+    try:
+        for label, opt in rows:
+            for barrier in (False, True):
+                name = f"{opt['name']}-{'barrier' if barrier else 'async'}"
+                util, wall, _, _ = measure(zoo, root, name, opt, args.budget, w, args.delay, barrier)
+                print(f"{label:36s} {'barrier' if barrier else 'async':9s} {util:11.1%} {wall:7.1f}")
+        util, wall, over, results = measure(zoo, root, "overhead", rows[0][1], args.budget, w, 0.0, False)
+        ev = sum(r.timings["evaluate"] for r in results) / len(results)
+        mat = sum(r.timings["materialize"] for r in results) / len(results)
+        disp = sum(r.timings["dispatch"] for r in results) / len(results)
+        print(f"\nper candidate, no extra delay (M2N2, {len(results)} candidates): evaluate {ev * 1000:.0f} ms, "
+              f"materialize {mat * 1000:.0f} ms, dispatch {disp * 1000:.1f} ms")
+        print(f"overhead (dispatch + materialize) / evaluate: {over:.1%}; dispatch alone: {disp / ev:.1%}")
+    finally:
+        ray.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

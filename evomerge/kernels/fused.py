@@ -1,0 +1,257 @@
+"""Fused chunk kernels compiled with torch.compile (inductor, CPU), and the rule for when to use them.
+
+The eager chunked paths run every chunk as a dozen separate torch operations, each one a pass over
+memory with its own temporaries. The kernels here write the same arithmetic once per kernel *structure*
+(method shape, number of models, dtypes) and let inductor compile it into one loop per chunk that reads
+the stored-dtype inputs and writes the output dtype. Numbers (weights, thresholds, positions, random
+stream keys) are tensor arguments and sizes are dynamic, so new values and new chunk lengths reuse one
+compiled kernel; kernels are cached per structure and thread count for the life of the process.
+
+When: ``EVOMERGE_COMPILE=0`` never; ``=1`` for every tensor of at least MIN_NUMEL entries; unset (auto):
+once a structure has spent AUTO_AFTER_S seconds in the eager chunk loops of this process, so a one-off
+small merge never pays the compile latency (seconds) while long merges and a search's repeated
+materializations do. Any compile or run failure disables compiled kernels for the process with one
+warning, and the tensor is merged eagerly (``Unavailable``).
+
+Agreement with eager: the kernels apply the eager operations in the same order, except that eager torch
+computes ``a.add_(b, alpha=c)`` as a fused multiply-add on CPU while inductor rounds the product first,
+so a float32 result can differ in its last bit (tests bound it). Signs of zeros may differ too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+import torch
+
+from evomerge.kernels.select import hashed_uniform
+
+log = logging.getLogger(__name__)
+
+ENV = "EVOMERGE_COMPILE"
+CHUNK = 1 << 20  # entries per fused-kernel call: one pass per chunk, so size only amortizes call overhead
+MIN_NUMEL = 1 << 16  # smaller tensors stay on the eager path
+AUTO_AFTER_S = 10.0  # auto mode: eager seconds per structure before compiling it
+
+stats = {"compile_s": 0.0, "kernels": 0}  # compile latency spent in this process (first calls)
+_kernels: dict[tuple, _Compiled] = {}
+_eager_s: dict[tuple, float] = defaultdict(float)
+_disabled: str | None = None  # why compiled kernels are off for this process
+
+
+class Unavailable(RuntimeError):
+    """A compiled kernel could not be built or run; the caller merges the tensor eagerly."""
+
+
+def mode() -> str:
+    """'0' (never), '1' (always for large tensors) or 'auto', from EVOMERGE_COMPILE."""
+    value = os.environ.get(ENV, "").strip().lower()
+    return {"0": "0", "false": "0", "off": "0", "1": "1", "true": "1", "on": "1"}.get(value, "auto")
+
+
+def _supported() -> bool:
+    global _disabled
+    if _disabled is None and not hasattr(torch, "compile"):
+        _disabled = "this torch has no torch.compile"
+    if _disabled is None:
+        try:
+            from torch import _dynamo
+
+            if not _dynamo.is_dynamo_supported():
+                _disabled = "torch.compile does not support this Python"
+        except Exception as e:  # noqa: BLE001 - any import problem means: stay eager
+            _disabled = f"torch._dynamo is unavailable ({e})"
+    return _disabled is None
+
+
+def wanted(structure: tuple, numel: int, device: torch.device) -> bool:
+    """Whether to merge a tensor of ``numel`` entries with the compiled kernels of ``structure``."""
+    m = mode()
+    if m == "0" or device.type != "cpu" or numel < MIN_NUMEL or not _supported():
+        return False
+    return m == "1" or _eager_s[structure] >= AUTO_AFTER_S
+
+
+def note_eager(structure: tuple, seconds: float) -> None:
+    """Account eager chunk-loop time to ``structure`` (auto mode compiles once it reaches AUTO_AFTER_S)."""
+    _eager_s[structure] += seconds
+
+
+class _Compiled:
+    """One compiled kernel; the first call compiles (timed into ``stats``), any failure disables fusing."""
+
+    def __init__(self, key: tuple, body: Callable):
+        # Dynamo keeps compiled variants, and its recompile limit, per code object: give every
+        # structure's kernel a code object of its own rather than one template told apart by closures.
+        code = body.__code__.replace(co_name=f"{body.__name__}_{len(_kernels)}")
+        fresh = type(body)(code, body.__globals__, code.co_name, body.__defaults__, body.__closure__)
+        self.key, self.fn, self.ready = key, torch.compile(fresh, dynamic=True, fullgraph=True), False
+
+    def __call__(self, *args):
+        global _disabled
+        if _disabled is not None:
+            raise Unavailable(_disabled)
+        start = time.perf_counter()
+        try:
+            out = self.fn(*args)
+        except Exception as e:  # noqa: BLE001 - compiler missing, unsupported op, ...: merge eagerly
+            _disabled = f"compiling {self.key[0]} failed: {type(e).__name__}: {str(e)[:300]}"
+            log.warning("fused kernels off for this process, merging eagerly: %s", _disabled)
+            raise Unavailable(_disabled) from e
+        if not self.ready:
+            self.ready = True
+            stats["compile_s"] += time.perf_counter() - start
+            stats["kernels"] += 1
+        return out
+
+
+def kernel(structure: tuple, build: Callable[[], Callable]) -> _Compiled:
+    """The compiled kernel for ``structure`` (``build()`` returns its body on first use)."""
+    key = (structure, torch.get_num_threads())
+    if key not in _kernels:
+        _kernels[key] = _Compiled(key, build())
+    return _kernels[key]
+
+
+def available() -> str | None:
+    """None while compiled kernels may be used, else why not."""
+    return _disabled if not _supported() or _disabled else None
+
+
+# ---------------------------------------------------------------- kernel bodies
+#
+# Inputs: chunks of the n sources then the base, in their stored dtypes; ``fp`` float32 and ``ip`` int64
+# parameter vectors; ``zero`` a 0-d float32 zero; ``dst`` the output chunk, written in place. Merging
+# kernels return ``flag``, the sum of 0 * every input and result entry: 0 when all are finite, NaN
+# otherwise (the caller then runs the exact checks that name the culprit).
+
+
+def ta_body(n: int) -> Callable:
+    """Task arithmetic in one pass: b (1 - c W) + sum_i (c w_i) x_i, then depth scaling.
+
+    fp = [1 - c W, c w_1 .. c w_n, scale, scale_on].
+    """
+
+    def ta(*args):
+        xs, b, fp, zero, dst = args[:n], args[n].float(), args[n + 1], args[n + 2], args[n + 3]
+        out = b * fp[0]
+        flag = b * zero
+        for i, x in enumerate(xs):
+            xf = x.float()
+            flag = flag + xf * zero
+            out = out + xf * fp[1 + i]
+        out = torch.where(fp[n + 2] != 0, (out - b) * fp[n + 1] + b, out)
+        dst.copy_(out)
+        return (flag + out * zero).sum()
+
+    return ta
+
+
+def pipe_body(n: int, sparsify: str, sign: bool) -> Callable:
+    """Task vectors sparsified per model, weighted, sign-elected (TIES) or summed, plus base and scaling.
+
+    sparsify: 'none'; 'topk' (keep |t| > thr, or == thr at positions < cut); 'band' (topk minus a second,
+    inner topk: breadcrumbs); 'drop' (DARE: keep where the position's hashed uniform draw < p, divide by q).
+    fp = [lam, divisor, scale, scale_on, normalize] + per model [w, thr, thr2, p, q];
+    ip = [start] + per model [cut, cut2, k1, k2].
+    """
+
+    def pipe(*args):
+        xs, b, fp, ip, zero, dst = args[:n], args[n].float(), args[n + 1], args[n + 2], args[n + 3], args[n + 4]
+        pos = torch.arange(b.shape[0], device=b.device) + ip[0]
+        flag = b * zero
+        ts = []
+        for i, x in enumerate(xs):
+            f, j = 5 + 5 * i, 1 + 4 * i
+            xf = x.float()
+            flag = flag + xf * zero
+            t = xf - b
+            if sparsify in ("topk", "band"):
+                mag = t.abs()
+                keep = (mag > fp[f + 1]) | ((mag == fp[f + 1]) & (pos < ip[j]))
+                if sparsify == "band":
+                    keep = keep & ~((mag > fp[f + 2]) | ((mag == fp[f + 2]) & (pos < ip[j + 1])))
+                t = t * keep
+            elif sparsify == "drop":
+                u = hashed_uniform(pos & 0xFFFFFFFF, ip[j + 2], ip[j + 3])
+                t = torch.where(u < fp[f + 3], t, 0.0) / fp[f + 4]
+            ts.append(t * fp[f])
+        if sign:
+            total = ts[0]
+            for t in ts[1:]:
+                total = total + t
+            elected = torch.where(total >= 0, 1.0, -1.0)
+            masks = [t * elected > 0 for t in ts]
+            out = ts[0] * masks[0]
+            divisor = masks[0] * fp[5]
+            for i in range(1, n):
+                out = out + ts[i] * masks[i]
+                divisor = divisor + masks[i] * fp[5 + 5 * i]
+            out = torch.where(fp[4] != 0, out / torch.where(divisor == 0, 1.0, divisor), out)
+        else:
+            out = ts[0]
+            for t in ts[1:]:
+                out = out + t
+            out = out / fp[1]
+        merged = b + fp[0] * out
+        merged = torch.where(fp[3] != 0, (merged - b) * fp[2] + b, merged)
+        dst.copy_(merged)
+        return (flag + merged * zero).sum()
+
+    return pipe
+
+
+def magnitude_bits_body(n: int, models: tuple[int, ...]) -> Callable:
+    """|x_i - b| as its float32 bit pattern (int32) for the listed models: the caller shifts and histograms
+    the top 16 bits (StreamTopK's first pass). Integer ops after a bitcast do not vectorize in inductor's
+    CPU code, so the kernel stops at the (free) bitcast."""
+
+    def magnitude_bits(*args):
+        b = args[n].float()
+        return tuple((args[i].float() - b).abs().view(torch.int32) for i in models)
+
+    return magnitude_bits
+
+
+LOW_BINS = 1 << 16
+SPREAD = 1 << 10  # entries outside the bucket go to one of SPREAD spare bins, round robin by position
+
+
+def low_keys_body(n: int, models: tuple[int, ...]) -> Callable:
+    """StreamTopK's second pass: for each selection (``models``: its model), the low 16 bits of |x_i - b|
+    where that value lies in the selection's bucket, else a spare bin LOW_BINS + (position % SPREAD).
+
+    Computed without bit operations (which do not vectorize here): inside a bucket [lo, hi) all values
+    share one exponent, so (v - lo) / ulp, with the power-of-two 1 / ulp applied as two exact factors,
+    is exactly the low 16 bits. ``ranges`` float32 [S, 4] = (lo, hi, f1, f2) per selection.
+    """
+
+    def low(*args):
+        b, ranges = args[n].float(), args[n + 1]
+        spare = (torch.arange(b.shape[0], device=b.device) & (SPREAD - 1)).to(torch.int32) + LOW_BINS
+        out = []
+        for s, i in enumerate(models):
+            v = (args[i].float() - b).abs()
+            inside = (v >= ranges[s, 0]) & (v < ranges[s, 1])
+            out.append(torch.where(inside, ((v - ranges[s, 0]) * ranges[s, 2] * ranges[s, 3]).to(torch.int32), spare))
+        return tuple(out)
+
+    return low
+
+
+TIE_BLOCK = 1 << 12  # tie counts come per block of this many entries, so finding the j-th tie is cheap
+
+
+def tie_count_body(n: int, models: tuple[int, ...]) -> Callable:
+    """How many entries of |x_i - b| equal each selection's threshold (``thr`` float32 [S]), per block:
+    inputs are [blocks, TIE_BLOCK] views; returns int64 [S, blocks]."""
+
+    def ties(*args):
+        b, thr = args[n].float(), args[n + 1]
+        return torch.stack([((args[i].float() - b).abs() == thr[s]).sum(dim=1) for s, i in enumerate(models)])
+
+    return ties
