@@ -94,6 +94,16 @@ def _resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from evomerge.search.export import export_candidate
+
+    out = export_candidate(args.run_dir, args.candidate, args.output, overwrite=args.overwrite,
+                           progress=not args.quiet)
+    print(f"wrote {out} (model, evomerge_recipe.yaml, README.md"
+          + (", mergekit_config.yml)" if (out / "mergekit_config.yml").exists() else ")"))
+    return 0
+
+
 def _status(args: argparse.Namespace) -> int:
     from evomerge.search.report import status_text
 
@@ -146,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="progress, best so far, Pareto front size and hypervolume of a run")
     st.add_argument("run_dir")
     st.set_defaults(func=_status)
+
+    ex = sub.add_parser("export", help="write a candidate of a run as an HF checkpoint with recipe and model card")
+    ex.add_argument("run_dir")
+    ex.add_argument("--candidate", required=True, help="candidate id, recipe hash prefix, or baseline name")
+    ex.add_argument("-o", "--output", required=True, help="output checkpoint directory")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
+    ex.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    ex.set_defaults(func=_export)
 
     d = sub.add_parser("demo", help="build tiny local models, merge them, generate with the result")
     d.add_argument("--out", default="demo-out", help="working directory (default demo-out)")

@@ -96,6 +96,7 @@ class Evaluation(_Strict):
     batch_size: int = Field(64, ge=1)
     max_retries: int = Field(2, ge=0, le=20, description="retries of a failing candidate before it is failed")
     heldout: Literal["every", "none"] = Field("every", description="score held-out splits for every candidate")
+    baselines: bool = Field(True, description="score each source alone and default merges first, for comparison")
     backend_options: dict[str, Any] = Field(default_factory=dict, description="extra backend keyword arguments")
 
 
@@ -196,7 +197,8 @@ def _absolute(data: dict, root: Path) -> dict:
     return out
 
 
-def parse_search_config(data: object, root: Path, where: str = "search config") -> SearchConfig:
+def parse_search_config(data: object, root: Path, where: str = "search config", *,
+                        check_paths: bool = True) -> SearchConfig:
     """Validate a parsed YAML mapping; relative paths resolve against ``root``."""
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: a search config must be a mapping, got {type(data).__name__}")
@@ -204,12 +206,14 @@ def parse_search_config(data: object, root: Path, where: str = "search config") 
         config = SearchConfig.model_validate(_absolute(data, root))
     except ValidationError as e:
         raise explain(e, SearchConfig, where) from None
-    _check_paths(config, where)
+    if check_paths:
+        _check_paths(config, where)
     return config
 
 
-def load_search_config(path: str | Path) -> SearchConfig:
-    """Read and validate a search config file."""
+def load_search_config(path: str | Path, *, check_paths: bool = True) -> SearchConfig:
+    """Read and validate a search config file (``check_paths=False``: for reading a finished run whose
+    models or tasks have moved)."""
     p = Path(path)
     if not p.is_file():
         raise RecipeError(f"search config '{p}' does not exist")
@@ -217,7 +221,7 @@ def load_search_config(path: str | Path) -> SearchConfig:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise RecipeError(f"{p}: not valid YAML: {e}") from None
-    return parse_search_config(data, p.resolve().parent, str(p))
+    return parse_search_config(data, p.resolve().parent, str(p), check_paths=check_paths)
 
 
 def _check_paths(config: SearchConfig, where: str) -> None:

@@ -117,7 +117,9 @@ class InProcessEvaluator:
                 and (plan.layer_origin is None or len(plan.layer_origin) == self._layers)
             )
             if in_place:
-                tensors = {job.out.name: merge_tensor(plan, job) for job in plan.jobs}
+                # merged on the backend's device when it is an accelerator (no host round trip)
+                device = self.device if self.device.startswith("cuda") else "cpu"
+                tensors = {job.out.name: merge_tensor(plan, job, device) for job in plan.jobs}
                 backend.load_weights(tensors)
                 del tensors
                 materialized = time.perf_counter()

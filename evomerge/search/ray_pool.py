@@ -140,6 +140,7 @@ class RayExecutor:
         self._start(want)
         self._pending: dict[Any, tuple[int, Recipe, _Slot]] = {}  # object ref -> (key, recipe, slot)
         self._sent: dict[Any, float] = {}  # object ref -> when it was dispatched
+        self._starting: dict[Any, Any] = {}  # ready() ref -> actor handle still starting
         self._queue: deque[tuple[int, Recipe]] = deque()
         self._redispatched: dict[int, int] = {}
         self.deaths = 0
@@ -176,25 +177,31 @@ class RayExecutor:
         log.info("%d evaluator actor(s) on %d node(s)", len(self.slots), len({s.info["node"] for s in self.slots}))
 
     def _replace(self) -> None:
-        """Try to bring the pool back to its size after deaths (non-blocking if there is no room)."""
-        missing = self.target - len(self.slots)
+        """Start actors to bring the pool back to its size, without waiting for them: they join when ready
+        (``next_finished`` watches their start-up beside the evaluations in flight)."""
+        missing = self.target - len(self.slots) - len(self._starting)
         if missing <= 0:
             return
         free = self._ray.available_resources()
         s = self.settings
-        if s.num_cpus and free.get("CPU", 0) < s.num_cpus:
+        room = [int(free.get("CPU", 0) // s.num_cpus)] if s.num_cpus else []
+        room += [int(free.get("GPU", 0) // s.num_gpus)] if s.num_gpus else []
+        room += [int(free.get(k, 0) // v) for k, v in s.resources.items()]
+        for _ in range(min([missing, *room])):
+            h = self._actor_cls.remote(self.config_json, self.run_dir)
+            self._starting[h.ready.remote()] = h
+
+    def _joined(self, ref) -> None:
+        handle = self._starting.pop(ref)
+        try:
+            info = self._ray.get(ref)
+        except self._ray.exceptions.RayError as err:
+            log.warning("a replacement evaluator failed to start: %s", err)
+            with contextlib.suppress(Exception):
+                self._ray.kill(handle)
             return
-        if s.num_gpus and free.get("GPU", 0) < s.num_gpus:
-            return
-        handles = [self._actor_cls.remote(self.config_json, self.run_dir) for _ in range(missing)]
-        for h in handles:
-            try:
-                info = self._ray.get(h.ready.remote(), timeout=self.settings.startup_timeout)
-            except (self._ray.exceptions.RayError, self._ray.exceptions.GetTimeoutError) as err:
-                log.warning("a replacement evaluator failed to start: %s", err)
-                self._ray.kill(h)
-                continue
-            self.slots.append(_Slot(h, info))
+        self.slots.append(_Slot(handle, info))
+        log.info("evaluator %s joined the pool (%d live)", info.get("pid"), len(self.slots))
 
     @property
     def capacity(self) -> int:
@@ -224,12 +231,14 @@ class RayExecutor:
 
     def next_finished(self):
         while True:
-            if not self._pending:
-                self._replace()
-                self._dispatch()
-                if not self._pending:
-                    raise EvomergeError("every evaluator actor is gone and none could be started again")
-            [ref], _ = self._ray.wait(list(self._pending), num_returns=1)
+            self._replace()
+            self._dispatch()
+            if not self._pending and not self._starting:
+                raise EvomergeError("every evaluator actor is gone and none could be started again")
+            [ref], _ = self._ray.wait([*self._pending, *self._starting], num_returns=1)
+            if ref in self._starting:
+                self._joined(ref)
+                continue
             key, recipe, slot = self._pending.pop(ref)
             sent = self._sent.pop(ref)
             slot.busy = None
@@ -261,10 +270,12 @@ class RayExecutor:
         if n > self.settings.max_redispatch:
             raise EvomergeError(f"candidate {key} lost its worker {n} times; giving up (see the Ray logs)")
         self._queue.appendleft((key, recipe))
-        self._replace()
-        self._dispatch()
 
     def close(self) -> None:
+        for handle in self._starting.values():
+            with contextlib.suppress(Exception):
+                self._ray.kill(handle)
+        self._starting = {}
         for slot in self.slots:
             with contextlib.suppress(Exception):  # already gone
                 self._ray.kill(slot.handle)

@@ -248,6 +248,8 @@ class _Loop:
         self.cache_hits = 0
         session_start = time.perf_counter()
         self.elapsed0 = view.elapsed
+        if self.config.evaluation.baselines:
+            self._baselines()
         budget = self.config.budget
         bar = self._bar(view.evaluated)
         in_flight: dict[int, tuple[Candidate, str, Recipe, float | None]] = {}
@@ -274,9 +276,11 @@ class _Loop:
                     recipe, cost = self._recipe(cand)
                     h = recipe.content_hash()
                     self._journal_ask(cand, recipe, h)
-                    if h in self.view.results:  # evaluated before: told from the journal, for free
-                        r = self.view.results[h]
-                        self._tell(cand, h, r.results, r.failed, cost)
+                    known = self.view.known(h)
+                    if known is not None:  # evaluated before: told from the journal, for free
+                        if h not in self.view.results:  # a baseline's result becomes the search's
+                            self._copy_baseline(cand, h, known, cost)
+                        self._tell(cand, h, known.results, known.failed, cost)
                         self.cache_hits += 1
                         stall += 1
                         continue
@@ -325,6 +329,41 @@ class _Loop:
         self.journal.close()
         return RunSummary(self.run_dir, len(self.view.results), reason, self.search.optimizer.best(), elapsed,
                           self.failed, self.cache_hits)
+
+    def _baselines(self) -> None:
+        """Score each source alone and the default merges once, before the search (not told to it)."""
+        todo = [(name, r) for name, r in self.search.baselines() if name not in self.view.baselines]
+        queue = [(-(i + 1), name, r) for i, (name, r) in enumerate(todo)]
+        in_flight: dict[int, tuple[str, Recipe]] = {}
+        while queue or in_flight:
+            while queue and len(in_flight) < self.executor.capacity:
+                key, name, recipe = queue.pop(0)
+                in_flight[key] = (name, recipe)
+                self.executor.submit(key, recipe)
+            key, outcome, err = self.executor.next_finished()
+            name, recipe = in_flight.pop(key)
+            data = recipe.model_dump(mode="json", exclude_defaults=True)
+            rec = {"kind": "baseline", "name": name, "hash": recipe.content_hash(), "recipe": data, "t": time.time()}
+            if err is not None:
+                rec["error"] = f"{type(err).__name__}: {err}"
+                log.warning("baseline '%s' failed: %s", name, rec["error"])
+            else:
+                rec.update(results={task: {split: r.model_dump(mode="json") for split, r in splits.items()}
+                                    for task, splits in outcome.results.items()},
+                           timings=outcome.timings, worker=outcome.worker)
+            self.journal.append(rec)
+            from evomerge.search.store import ResultRecord
+
+            self.view.baselines[name] = ResultRecord(rec["hash"], rec.get("results", {}), rec.get("timings", {}),
+                                                     rec.get("worker", ""), failed="error" in rec,
+                                                     error=rec.get("error"))
+            self.view.baseline_recipes[name] = data
+
+    def _copy_baseline(self, cand: Candidate, h: str, known, cost) -> None:
+        self.journal.append({"kind": "result", "id": cand.id, "hash": h, "results": known.results,
+                             "timings": known.timings, "worker": known.worker, "cost": cost, "from": "baseline",
+                             "elapsed": self.elapsed0, "t": time.time()})
+        self._record(h, known.results, False, cost, None)
 
     def _bar(self, done: int):
         from tqdm.auto import tqdm

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import RecipeError
-from evomerge.recipe.schema import Recipe
+from evomerge.recipe.schema import Recipe, Source
 from evomerge.search.config import SearchConfig
 from evomerge.search.evaluator import InProcessEvaluator, ScoredTask
 from evomerge.search.store import CACHE
@@ -49,6 +49,33 @@ class Search:
 
                 recipe = parse_recipe(recipe, f"candidate {recipe_hash[:12]}")
             self.recipes[recipe_hash] = recipe
+
+    def baselines(self) -> list[tuple[str, Recipe]]:
+        """(name, recipe) of what every search is compared with: each source alone, and default merges."""
+        from evomerge.search.space import identity_recipe
+
+        models = self.config.models
+        cfg = self.config.space
+        sources = [cfg.model_a, cfg.model_b] if cfg.kind == "dataflow" else list(models.sources)
+        out = []
+        for m in sources:
+            if m.startswith(CANDIDATE_PREFIX) or Path(m).is_file():
+                continue  # a recipe given as model A: not a plain source
+            name = f"{Path(m).name} alone"
+            out.append((name if name not in dict(out) else f"{m} alone", identity_recipe(m)))
+        if cfg.kind != "dataflow" and len(models.sources) > 1:
+            n = len(models.sources)
+            if models.base:
+                out.append(("task arithmetic (uniform 1/n)", Recipe(
+                    method="task_arithmetic", base=models.base,
+                    sources=[Source(model=m, parameters={"weight": round(1 / n, 6)}) for m in models.sources])))
+                out.append(("TIES (weight 1, density 0.5)", Recipe(
+                    method="ties", base=models.base,
+                    sources=[Source(model=m, parameters={"weight": 1.0, "density": 0.5}) for m in models.sources])))
+            else:
+                out.append(("average (uniform)", Recipe(method="linear", sources=[Source(model=m)
+                                                                                 for m in models.sources])))
+        return out
 
     def make_evaluator(self) -> InProcessEvaluator:
         return _evaluator(self.config, self.run_dir, self.tasks, self.reference, self.recipes)

@@ -74,6 +74,14 @@ class RunView:
     ended: dict[str, Any] | None = None
     elapsed: float = 0.0  # seconds of search recorded in results/end records
     budget_update: dict[str, Any] = field(default_factory=dict)  # budget raised by `evomerge resume`
+    baselines: dict[str, ResultRecord] = field(default_factory=dict)  # name -> result, outside the search
+    baseline_recipes: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> recipe JSON
+
+    def known(self, recipe_hash: str) -> ResultRecord | None:
+        """The finished evaluation of a recipe, by the search or as a baseline."""
+        if recipe_hash in self.results:
+            return self.results[recipe_hash]
+        return next((b for b in self.baselines.values() if b.recipe_hash == recipe_hash and not b.failed), None)
 
     @property
     def evaluated(self) -> int:
@@ -105,6 +113,11 @@ def read_run(run_dir: str | Path) -> RunView:
                     rec["hash"], rec.get("results", {}), rec.get("timings", {}), rec.get("worker", ""),
                     failed=kind == "failed", error=rec.get("error"), order=len(view.results), cost=rec.get("cost"))
             view.elapsed = max(view.elapsed, rec.get("elapsed", 0.0))
+        elif kind == "baseline":
+            view.baselines[rec["name"]] = ResultRecord(rec["hash"], rec.get("results", {}), rec.get("timings", {}),
+                                                       rec.get("worker", ""), failed=bool(rec.get("error")),
+                                                       error=rec.get("error"))
+            view.baseline_recipes[rec["name"]] = rec["recipe"]
         elif kind == "failure":
             view.failures.append(rec)
         elif kind == "resume":
