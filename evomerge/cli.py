@@ -51,7 +51,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     from evomerge.demo import run_demo
 
-    run_demo(Path(args.out), seed=args.seed)
+    run_demo(Path(args.out), seed=args.seed, budget=args.budget, quick=args.quick, workers=args.workers)
     return 0
 
 
@@ -165,9 +165,20 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     ex.set_defaults(func=_export)
 
-    d = sub.add_parser("demo", help="build tiny local models, merge them, generate with the result")
+    from evomerge.search.archive_view import add_pareto_parser
+    from evomerge.search.pick import add_pick_parser
+    from evomerge.search.validate import add_validate_parser
+
+    add_pareto_parser(sub)
+    add_pick_parser(sub)
+    add_validate_parser(sub)
+
+    d = sub.add_parser("demo", help="build the tiny zoo, search merges on local Ray, plot, export the best")
     d.add_argument("--out", default="demo-out", help="working directory (default demo-out)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--budget", type=int, default=48, help="evaluations of the CMA-ES search (M2N2: 2/3 of it)")
+    d.add_argument("--quick", action="store_true", help="the quick zoo preset (smaller, weaker experts)")
+    d.add_argument("--workers", type=int, default=None, help="Ray evaluator actors (default: one per CPU)")
     d.set_defaults(func=_demo)
     return parser
 

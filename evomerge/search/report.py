@@ -37,11 +37,20 @@ def task_means(result: dict, split_of) -> tuple[float, ...] | None:
     return tuple(out)
 
 
-def scored(view: RunView, config) -> list[Scored]:
-    """Every successful evaluation of the run, in evaluation order."""
+def task_names(view: RunView, config) -> list[str]:
+    """The tasks' names in config order, read from the journal's results (so a run whose task files moved
+    can still be read); from the task files only when nothing has been scored yet."""
+    for r in [*view.results.values(), *view.baselines.values()]:
+        if r.results and len(r.results) == len(config.tasks):
+            return list(r.results)
     from evomerge.fitness.task import load_task
 
-    names = [load_task(t.path).name for t in config.tasks]
+    return [load_task(t.path).name for t in config.tasks]
+
+
+def scored(view: RunView, config) -> list[Scored]:
+    """Every successful evaluation of the run, in evaluation order."""
+    names = task_names(view, config)
     weights = [t.weight for t in config.tasks]
     first: dict[str, int] = {}
     for c in sorted(view.candidates.values(), key=lambda c: c.id):
@@ -96,7 +105,7 @@ def status_text(run_dir: str | Path) -> str:
 
     run_dir = Path(run_dir)
     view = read_run(run_dir)
-    config = load_search_config(run_dir / CONFIG)
+    config = load_search_config(run_dir / CONFIG, check_paths=False)
     with_cost = config.space.kind == "dataflow" and config.space.cost_objective
     items = scored(view, config)
     search, held = fronts(items, with_cost, reference_point(config))

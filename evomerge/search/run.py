@@ -251,7 +251,7 @@ class _Loop:
         if self.config.evaluation.baselines:
             self._baselines()
         budget = self.config.budget
-        bar = self._bar(view.evaluated)
+        bar = self.bar = self._bar(view.evaluated)
         in_flight: dict[int, tuple[Candidate, str, Recipe, float | None]] = {}
         waiting: dict[str, list[tuple[Candidate, float | None]]] = {}  # same recipe as one in flight
         queue = list(pending)  # asked before the interruption, not yet told: first in line
@@ -364,6 +364,7 @@ class _Loop:
                              "timings": known.timings, "worker": known.worker, "cost": cost, "from": "baseline",
                              "elapsed": self.elapsed0, "t": time.time()})
         self._record(h, known.results, False, cost, None)
+        self.bar.update(1)
 
     def _bar(self, done: int):
         from tqdm.auto import tqdm
