@@ -24,6 +24,7 @@ SKILLS = ("add", "reverse", "lexicon")
 
 def _configs(zoo, runs: Path, seed: int, budget: int, quick: bool) -> list:
     from evomerge.search.config import parse_search_config
+    from evomerge.search.setup import _num_layers
 
     common = {
         "seed": seed,
@@ -33,7 +34,7 @@ def _configs(zoo, runs: Path, seed: int, budget: int, quick: bool) -> list:
     sources = [str(zoo.experts[s]) for s in SKILLS]
     cmaes = {**common, "name": "demo-cmaes-ties", "run_dir": str(runs / "cmaes-ties"),
              "models": {"base": str(zoo.base), "sources": sources},
-             "space": {"kind": "parameters", "method": "ties", "layer_groups": 3},
+             "space": {"kind": "parameters", "method": "ties", "layer_groups": min(3, _num_layers(str(zoo.base)))},
              "optimizer": {"name": "cmaes"}, "budget": {"evaluations": budget}}
     m2n2 = {**common, "name": "demo-m2n2-models", "run_dir": str(runs / "m2n2-models"),
             "models": {"sources": sources},

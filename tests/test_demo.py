@@ -14,7 +14,7 @@ def test_demo_pipeline(quick_zoo, tmp_path, capsys):
     shutil.copytree(quick_zoo.root, tmp_path / "zoo")  # the session's quick zoo: the demo finds it cached
     model = run_demo(tmp_path, budget=6, quick=True, workers=2)
     out = capsys.readouterr().out
-    assert "held-out accuracy" in out and "evolved:" in out and "add alone" in out
+    assert "held-out accuracy" in out and "best found:" in out and "add alone" in out
     assert "TIES (weight 1, density 0.5)" in out
     assert (model / "config.json").exists() and (model / "README.md").exists()
     for run in ("cmaes-ties", "m2n2-models"):
