@@ -1,11 +1,12 @@
-"""How much a fused chunk kernel would gain: one TIES chunk, eager torch vs torch.compile, in one run.
+"""What fusing gains per chunk: eager torch vs torch.compile, single-threaded, in one run.
 
     python bench/chunk_compile_probe.py
 
-The merge executor runs each 2^18-entry chunk as ~15 separate eager torch operations; this times the
-same arithmetic for two bf16 experts (threshold masks, sign election, disjoint mean, cast) written as one
-function, eager and compiled (inductor), single-threaded, and prints the ratio. It measures the headroom
-of fusing; the executor does not use compiled kernels yet.
+First one TIES chunk of 2^18 entries for two bf16 experts (threshold masks, sign election, disjoint
+mean, cast) written as one function, eager and compiled (inductor). Then the executor's own paths on a
+4M-entry tensor: the eager chunk loops (kernels/chunked.py run_chunked, or the one-pass task arithmetic
+chunk) against the fused kernels (run_fused: histogram passes, tie counts and combine), with the
+compile latency of each method's kernels.
 """
 
 from __future__ import annotations
@@ -54,6 +55,50 @@ def main() -> None:
     print(f"one TIES chunk of {BLOCK} entries, 2 bf16 experts + base, 1 thread (compile took {compile_s:.1f} s)")
     print(f"eager    {eager_s * 1e6:8.0f} us  {gb / eager_s:6.2f} GB/s of inputs")
     print(f"compiled {fused_s * 1e6:8.0f} us  {gb / fused_s:6.2f} GB/s of inputs  ({eager_s / fused_s:.1f}x eager)")
+    executor_paths()
+
+
+def eager_path(m, raws, mps, gp, ctx, out) -> None:
+    """The executor's eager chunk loop: one-pass task arithmetic chunks, or run_chunked for pipelines."""
+    from evomerge.kernels import chunked
+
+    if not m.elementwise:
+        chunked.run_chunked(m.fn, raws, mps, gp, ctx, out)
+        return
+    for a in range(0, out.numel(), chunked.BLOCK):
+        b = a + chunked.BLOCK
+        out[a:b] = m.fn([r[a:b].float() for r in raws[:-1]], raws[-1][a:b].float(), mps, gp, ctx)
+
+
+def fused_path(m, raws, mps, gp, ctx, out) -> None:
+    from evomerge.kernels import chunked
+
+    chunked.run_fused(m.fn, raws, mps, gp, ctx, out)
+
+
+def executor_paths(n: int = 1 << 22) -> None:
+    """ns per entry of the executor's eager chunk loop and of its fused kernels, per method."""
+    import os
+
+    from evomerge.kernels import TensorContext, fused, get_method
+
+    os.environ[fused.ENV] = "1"
+    g = torch.Generator().manual_seed(1)
+    base = (torch.randn(n, generator=g) * 0.02).to(torch.bfloat16)
+    raws = [(base.float() + torch.randn(n, generator=g) * 0.002).to(torch.bfloat16) for _ in range(2)] + [base]
+    out = torch.empty(n, dtype=torch.bfloat16)
+    print(f"executor paths on {n} entries (2 bf16 experts + base, bf16 out), 1 thread, ns per entry:")
+    for name in ("task_arithmetic", "ties", "dare_ties"):
+        m = get_method(name)
+        extra = {} if name == "task_arithmetic" else {"density": 0.5}
+        args = (m, raws, [m.model_params(weight=0.5, **extra)] * 2, m.global_params(),
+                TensorContext("w", seed=1, model_ids=("a", "b")), out)
+        before = fused.stats["compile_s"]
+        fused_path(*args)
+        compile_s = fused.stats["compile_s"] - before
+        eager_s, fused_s = per_chunk(eager_path, args, reps=3), per_chunk(fused_path, args, reps=3)
+        print(f"  {name:16s} eager {eager_s / n * 1e9:6.2f}  fused {fused_s / n * 1e9:6.2f}  "
+              f"({eager_s / fused_s:4.1f}x; compile {compile_s:4.1f} s)")
 
 
 if __name__ == "__main__":

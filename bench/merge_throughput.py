@@ -1,11 +1,16 @@
 """Merge throughput against a plain memory copy of the same bytes, and peak memory, in one run.
 
     python bench/merge_throughput.py [--device cpu|cuda] [--methods task_arithmetic ties dare_ties]
+                                     [--modes eager compiled] [--runs 3]
 
 Builds (once, cached under bench/.cache) a 135M-parameter Llama with SmolLM2-135M's shapes (random
-bf16 weights: throughput does not depend on the values) and two experts. Each method runs in its own
-process so peak RSS is its own. Prints GB of input weights per second, its ratio to a memory copy of
-the same number of bytes measured in the same run, and peak RSS against one model's size.
+bf16 weights: throughput does not depend on the values) and two experts. Each (method, mode) runs in its
+own process, so peak RSS and compile latency are its own: eager (EVOMERGE_COMPILE=0) and compiled
+(EVOMERGE_COMPILE=1, fused kernels). A process merges --runs times: the first run includes compiling
+(reported separately as the time of the kernels' first calls), the warm time is the best of the others.
+Prints GB of input weights per second, its ratio to a memory copy of the same number of bytes measured
+in the same process, and peak RSS against one model's size. The first row does the same reads and
+writes as a merge with no arithmetic: the floor the file I/O sets (end-to-end times include the fsync).
 """
 
 from __future__ import annotations
@@ -60,38 +65,74 @@ def build(root: Path) -> dict[str, Path]:
     return paths
 
 
-def one(method: str, device: str) -> dict:
-    """Run one merge in this process; report its rate and this process's peak RSS."""
+def one(method: str, device: str, runs: int) -> dict:
+    """Merge ``runs`` times in this process (the first pays any compile latency); report rates, compile
+    time and this process's peak RSS."""
     import psutil
 
+    from evomerge.kernels import fused
     from evomerge.merge import run_merge
     from evomerge.plan import build_plan
     from evomerge.recipe import parse_recipe
 
+    if fused.mode() == "1":  # the compiler's own modules (~200 MB) count as libraries, like torch
+        import torch._inductor.compile_fx  # noqa: F401
+
     paths = build(CACHE)
-    density = "" if method in ("task_arithmetic", "linear") else ", density: 0.5"
+    params = {"weight": 0.5} if method in ("task_arithmetic", "linear") else {"weight": 0.5, "density": 0.5}
     recipe = parse_recipe({"method": method, "base": str(paths["base"]),
-                           "sources": [{"model": str(paths[k]), "parameters": {"weight": 0.5}} for k in ("e1", "e2")]}
-                          if not density else
-                          {"method": method, "base": str(paths["base"]),
-                           "sources": [{"model": str(paths[k]), "parameters": {"weight": 0.5, "density": 0.5}}
-                                       for k in ("e1", "e2")]})
+                           "sources": [{"model": str(paths[k]), "parameters": params} for k in ("e1", "e2")]})
     rss_before = psutil.Process().memory_info().rss
     plan = build_plan(recipe, CACHE)
-    with tempfile.TemporaryDirectory(dir=CACHE.parent) as tmp:
-        start = time.perf_counter()
-        run_merge(plan, Path(tmp) / "out", device=device, progress=False)
-        if device.startswith("cuda"):
-            import torch
+    seconds, peaks = [], []
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory(dir=CACHE.parent) as tmp:
+            start = time.perf_counter()
+            run_merge(plan, Path(tmp) / "out", device=device, progress=False)
+            if device.startswith("cuda"):
+                import torch
 
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    copy = memcopy_rate(plan.input_bytes, device)  # same process, right after the merge (after peak RSS)
+                torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - start)
+        peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    copy = memcopy_rate(plan.input_bytes, device)  # same process, right after the merges (after peak RSS)
     largest = max(j.out.nbytes // j.out.dtype.itemsize * 4 for j in plan.jobs)  # float32 bytes
-    return {"method": method, "seconds": seconds, "input_bytes": plan.input_bytes,
-            "model_bytes": plan.checkpoints[0].nbytes, "peak_rss": peak, "rss_before": rss_before,
-            "bound": (len(plan.checkpoints) + 2) * largest, "copy": copy}
+    return {"method": method, "first": seconds[0], "warm": min(seconds[1:] or seconds),
+            "compile": fused.stats["compile_s"], "kernels": fused.stats["kernels"],
+            "input_bytes": plan.input_bytes, "model_bytes": plan.checkpoints[0].nbytes, "peak_rss": peaks[0],
+            "peak_rss_all": peaks[-1], "rss_before": rss_before, "bound": (len(plan.checkpoints) + 2) * largest, "copy": copy}
+
+
+def io_floor(device: str, runs: int) -> dict:
+    """The same reads and writes as a merge, with the same reader/writer overlap, and no arithmetic."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from evomerge.checkpoint.writer import CheckpointWriter
+    from evomerge.merge import load_inputs
+    from evomerge.plan import build_plan
+    from evomerge.recipe import parse_recipe
+
+    paths = build(CACHE)
+    recipe = parse_recipe({"method": "task_arithmetic", "base": str(paths["base"]),
+                           "sources": [{"model": str(paths[k])} for k in ("e1", "e2")]})
+    plan = build_plan(recipe, CACHE)
+    seconds = []
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory(dir=CACHE.parent) as tmp, ThreadPoolExecutor(1) as io:
+            start = time.perf_counter()
+            writer = CheckpointWriter(Path(tmp) / "out", [j.out for j in plan.jobs])
+            jobs, ahead, written = plan.jobs, io.submit(load_inputs, plan, plan.jobs[0]), None
+            for i, job in enumerate(jobs):
+                raws = ahead.result()
+                ahead = io.submit(load_inputs, plan, jobs[i + 1]) if i + 1 < len(jobs) else None
+                if written is not None:
+                    written.result()
+                written = io.submit(writer.write, job.out.name, raws[-1])
+            written.result()
+            writer.finish({}, None)
+            seconds.append(time.perf_counter() - start)
+    return {"method": "(read+write only)", "first": seconds[0], "warm": min(seconds[1:] or seconds),
+            "compile": 0.0, "kernels": 0, "input_bytes": plan.input_bytes, "copy": memcopy_rate(plan.input_bytes, device)}
 
 
 def memcopy_rate(nbytes: int, device: str) -> float:
@@ -110,37 +151,52 @@ def memcopy_rate(nbytes: int, device: str) -> float:
     return nbytes / best
 
 
+MODES = {"eager": "0", "compiled": "1"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties", "dare_ties"])
+    ap.add_argument("--modes", nargs="+", choices=sorted(MODES), default=["eager", "compiled"],
+                    help="eager: EVOMERGE_COMPILE=0; compiled: EVOMERGE_COMPILE=1 (fused kernels)")
+    ap.add_argument("--runs", type=int, default=3, help="merges per process: the first, then warm ones")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one(args.one, args.device)))
+        row = io_floor(args.device, args.runs) if args.one == "io" else one(args.one, args.device, args.runs)
+        print(json.dumps(row))
         return
     for p in build(CACHE).values():  # page cache warm: measure merging, not the disk
         with open(p / "model.safetensors", "rb") as f:
             while f.read(1 << 24):
                 pass
     rows = []
-    for m in args.methods:
-        out = subprocess.run([sys.executable, __file__, "--one", m, "--device", args.device], check=True,
-                             capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"device {args.device}; each method's process times a memory copy of the same "
-          f"{rows[0]['input_bytes'] / 1e9:.2f} GB right after merging (best of 3)")
-    print(f"one model: {rows[0]['model_bytes'] / 1e6:.0f} MB (bf16, 135M parameters); inputs: base + 2 experts")
-    print(f"(sources + 2) x largest tensor in float32: {rows[0]['bound'] / 1e6:.0f} MB")
-    print("merge RSS = peak RSS minus the process's RSS before planning (interpreter, torch, libraries)")
-    print(f"{'method':16s} {'seconds':>7s} {'GB/s':>6s} {'copy GB/s':>9s} {'vs copy':>8s} {'peak RSS':>9s} "
-          f"{'RSS/model':>9s} {'merge RSS':>9s} {'merge RSS/model':>15s}")
+    for m, mode in [("io", "eager")] + [(m, mode) for m in args.methods for mode in args.modes]:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "EVOMERGE_COMPILE": MODES[mode]}
+        out = subprocess.run([sys.executable, __file__, "--one", m, "--device", args.device, "--runs", str(args.runs)],
+                             check=True, capture_output=True, text=True, env=env)
+        rows.append({**json.loads(out.stdout.strip().splitlines()[-1]), "mode": mode if m != "io" else "-"})
+    r0 = rows[1] if len(rows) > 1 else rows[0]
+    print(f"device {args.device}; {args.runs} merges per process: 'first' includes compiling the fused kernels "
+          f"('compile', timed on their first calls), 'warm' is the best of the others; each process times a "
+          f"memory copy of the same {r0['input_bytes'] / 1e9:.2f} GB right after merging (best of 3)")
+    if "model_bytes" in r0:
+        print(f"one model: {r0['model_bytes'] / 1e6:.0f} MB (bf16, 135M parameters); inputs: base + 2 experts; "
+              f"(sources + 2) x largest tensor in float32: {r0['bound'] / 1e6:.0f} MB")
+    print("merge RSS = peak RSS during the first merge minus the process's RSS before planning (interpreter, "
+          "torch, libraries, and for compiled runs the compiler); 'after all' = the same after every merge")
+    print(f"{'method':18s} {'mode':8s} {'first s':>7s} {'compile s':>9s} {'warm s':>7s} {'GB/s':>6s} {'copy GB/s':>9s} "
+          f"{'vs copy':>7s} {'peak RSS':>8s} {'merge RSS':>9s} {'merge RSS/model':>15s} {'after all':>9s}")
     for r in rows:
-        rate = r["input_bytes"] / r["seconds"]
-        merge_rss = r["peak_rss"] - r["rss_before"]
-        print(f"{r['method']:16s} {r['seconds']:7.2f} {rate / 1e9:6.2f} {r['copy'] / 1e9:9.2f} {rate / r['copy']:8.1%} "
-              f"{r['peak_rss'] / 1e6:7.0f}MB "
-              f"{r['peak_rss'] / r['model_bytes']:9.2f} {merge_rss / 1e6:7.0f}MB {merge_rss / r['model_bytes']:15.2f}")
+        rate = r["input_bytes"] / r["warm"]
+        line = (f"{r['method']:18s} {r['mode']:8s} {r['first']:7.2f} {r['compile']:9.2f} {r['warm']:7.3f} "
+                f"{rate / 1e9:6.2f} {r['copy'] / 1e9:9.2f} {rate / r['copy']:7.1%}")
+        if "peak_rss" in r:
+            merge_rss = r["peak_rss"] - r["rss_before"]
+            line += (f" {r['peak_rss'] / 1e6:6.0f}MB {merge_rss / 1e6:7.0f}MB "
+                     f"{merge_rss / r['model_bytes']:15.2f} {(r['peak_rss_all'] - r['rss_before']) / r['model_bytes']:9.2f}")
+        print(line)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """Execute a merge plan: stream tensors from the sources through a kernel into the output checkpoint.
 
-Tensors are read in their stored dtype (one job ahead, on a reader thread, so reading overlaps the
-arithmetic), converted to float32 on the compute device, merged, and written at their place in the
-output. Elementwise methods run over cache-sized chunks of large tensors. Memory at any time: the
-stored-dtype inputs of two jobs plus the float32 inputs, result and temporaries of one, about
-(sources + 2) x the largest tensor in float32.
+Tensors are read in their stored dtype and the results written by one I/O thread (inputs one job ahead,
+results one job behind, so reading and writing overlap the arithmetic), merged on the compute device,
+and written at their place in the output. Large tensors of chunkable methods are merged in chunks
+with float32 existing one chunk at a time: by compiled kernels (kernels/fused.py; CPU, when enabled,
+see EVOMERGE_COMPILE) or by eager torch chunk loops; the rest whole, in float32. Memory at any time:
+the stored-dtype inputs of two jobs, one result waiting for its write, and the float32 inputs, result
+and temporaries of one job, about (sources + 2) x the largest tensor in float32.
 """
 
 from __future__ import annotations

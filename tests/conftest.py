@@ -12,6 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Compiled merge kernels switch on by themselves after 10 s of eager work in a process (minutes of compile
+# time on a cold cache); tests that exercise them set EVOMERGE_COMPILE themselves.
+os.environ.setdefault("EVOMERGE_COMPILE", "0")
 if "HF_DATASETS_CACHE" not in os.environ:  # load_task reads jsonl through datasets, which caches
     _cache = tempfile.mkdtemp(prefix="evomerge-datasets-")
     atexit.register(shutil.rmtree, _cache, True)

@@ -245,6 +245,7 @@ def test_cli_merge_and_errors(tmp_path, zoo, capsys):
 def test_chunked_elementwise_path_equals_whole_tensor_path(tmp_path, zoo, monkeypatch, method):
     import evomerge.merge as m
 
+    monkeypatch.setenv("EVOMERGE_COMPILE", "0")  # the eager chunk loop (compiled kernels: tests below)
     text = recipe_for(zoo, method).replace(", density: [0.3, 0.9]", "").replace(", density: 0.5", "")
     if method == "linear":
         text = text.replace(f"base: {zoo['base']}\n", "")
@@ -260,6 +261,7 @@ def test_chunked_elementwise_path_equals_whole_tensor_path(tmp_path, zoo, monkey
 def test_nan_input_is_named_on_the_chunked_path(tmp_path, zoo, monkeypatch):
     import evomerge.merge as m
 
+    monkeypatch.setenv("EVOMERGE_COMPILE", "0")
     monkeypatch.setattr(m, "CHUNK", 64)
     bad = tmp_path / "inf"
     shutil.copytree(zoo["e1"], bad)
@@ -303,6 +305,7 @@ def test_chunked_pipeline_equals_whole_tensor_path(tmp_path, zoo, monkeypatch, m
     """Two histogram passes + entrywise chunks give the same bits as whole-tensor selection."""
     import evomerge.merge as m
 
+    monkeypatch.setenv("EVOMERGE_COMPILE", "0")
     text = f"""method: {method}
 base: {zoo['base']}
 sources:
@@ -320,3 +323,53 @@ dtype: bfloat16
     a, b = load_file(whole / "model.safetensors"), load_file(chunked_out / "model.safetensors")
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def fused_everywhere(monkeypatch):
+    """Compiled chunk kernels for every tensor, in chunks of 64 entries (several per tensor of the zoo)."""
+    from evomerge.kernels import fused
+
+    if fused.available() is not None:
+        pytest.skip(f"no compiled kernels here: {fused.available()}")
+    monkeypatch.setenv("EVOMERGE_COMPILE", "1")
+    monkeypatch.setattr(fused, "MIN_NUMEL", 0)
+    monkeypatch.setattr(fused, "CHUNK", 64)
+    return fused
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,params", [("ties", "density: 0.4"), ("dare_ties", "density: 0.5"),
+                                           ("task_arithmetic", "")])
+def test_compiled_path_agrees_with_eager_path(tmp_path, zoo, monkeypatch, method, params):
+    """The fused kernels through the planner and executor: the eager result to float32 rounding."""
+    text = f"""method: {method}
+base: {zoo['base']}
+sources:
+  - {{model: {zoo['e1']}, parameters: {{weight: 0.7{', ' + params if params else ''}}}}}
+  - {{model: {zoo['e2']}, parameters: {{weight: 0.5{', ' + params if params else ''}}}}}
+depth_scaling: {{alpha: 0.6, beta: 0.4}}
+"""
+    monkeypatch.setenv("EVOMERGE_COMPILE", "0")
+    eager, _ = merge(tmp_path, text, "eager", seed=5)
+    fused = fused_everywhere(monkeypatch)
+    before = fused.stats["kernels"]
+    compiled, _ = merge(tmp_path, text, "compiled", seed=5)
+    again, _ = merge(tmp_path, text, "again", seed=5)
+    assert fused.stats["kernels"] > before  # the compiled path did run
+    a, b = load_file(eager / "model.safetensors"), load_file(compiled / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-7 * float(a[name].abs().max()))
+    assert (compiled / "model.safetensors").read_bytes() == (again / "model.safetensors").read_bytes()
+
+
+@pytest.mark.slow
+def test_nan_input_is_named_on_the_compiled_path(tmp_path, zoo, monkeypatch):
+    fused_everywhere(monkeypatch)
+    bad = tmp_path / "nan"
+    shutil.copytree(zoo["e2"], bad)
+    sd = load_file(bad / "model.safetensors")
+    sd["model.layers.1.mlp.up_proj.weight"][3, 3] = float("nan")
+    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(NonFiniteError, match=r"up_proj.weight' of model '.*nan' contains NaN or infinity"):
+        merge(tmp_path, recipe_for(zoo).replace(str(zoo["e2"]), str(bad)))
+    assert not (tmp_path / "out").exists()

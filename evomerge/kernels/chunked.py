@@ -16,7 +16,7 @@ import torch
 
 from evomerge.kernels import fused
 from evomerge.kernels.registry import TensorContext
-from evomerge.kernels.select import BLOCK, StreamTopK, exact_count, stream_seed, uniform
+from evomerge.kernels.select import BLOCK, StreamTopK, exact_count, stream_keys, uniform
 from evomerge.kernels.taskvector import (
     Consensus,
     Magnitude,
@@ -90,11 +90,11 @@ def run_chunked(pipe: TaskVectorPipeline, raws: list[torch.Tensor], mps, gp, ctx
                 magnitude = t.abs()
                 keep = sels[i][0].mask(magnitude)
                 if len(sels[i]) == 2:
-                    keep &= ~sels[i][1].mask(magnitude)
+                    keep.sub_(sels[i][1].mask(magnitude))  # the top band lies within the kept entries
                 t.mul_(keep)
             elif dare and mp.density < 1.0:
                 u = uniform(ctx.seed, ctx.model_ids[i], ctx.name, start, end, t.device)
-                drop_and_rescale(t, u < mp.density, mp.density, gp.rescale)
+                drop_and_rescale(t, u.lt_(mp.density), mp.density, gp.rescale)
         merged = pipe.combine(ts, base, mps, gp)
         flat[start:end] = post(merged, base) if post is not None else merged
     return out
@@ -153,7 +153,6 @@ def run_fused(pipe: TaskVectorPipeline, raws: list[torch.Tensor], mps, gp, ctx: 
         p = mp.density if drop else 1.0
         fp += [mp.weight, *bounds, p, p if drop and gp.rescale == "inverse" else 1.0]
     fp = torch.tensor(fp, dtype=torch.float32)
-    keys = [stream_seed(ctx.seed, ctx.model_ids[i], ctx.name) for i in range(count)] if kind == "drop" else None
     combine = fused.kernel(("pipe", kind, sign, count, dtypes, out.dtype),
                            lambda: fused.pipe_body(count, kind, sign))
     ties = _TieCounter(live, raws, dtypes)
@@ -161,13 +160,14 @@ def run_fused(pipe: TaskVectorPipeline, raws: list[torch.Tensor], mps, gp, ctx: 
         ip = [a]
         for i, row in enumerate(sels):
             ip += [s.tie_cut(a, b, ties.count(s, a, b), ties.nth(i, s, a, b)) for s in row] + [0] * (2 - len(row))
-            ip += [keys[i] & 0xFFFFFFFF, ((keys[i] >> 32) ^ (a >> 32)) & 0xFFFFFFFF] if keys else [0, 0]
+            ip += stream_keys(ctx.seed, ctx.model_ids[i], ctx.name, a) if kind == "drop" else [0, 0]
         flag = combine(*[r[a:b] for r in raws], fp, torch.tensor(ip, dtype=torch.int64), zero, flat[a:b])
         _check(flag, a, b, on_nonfinite)
     return out
 
 
 def _check(flag: torch.Tensor, a: int, b: int, on_nonfinite) -> None:
+    """Call ``on_nonfinite(a, b)`` if a merging kernel's flag says the chunk [a, b) is not all finite."""
     if float(flag) != 0.0 and on_nonfinite is not None:  # NaN: some input or result entry is not finite
         on_nonfinite(a, b)
 
@@ -177,22 +177,34 @@ def _settle(live, raws: list[torch.Tensor], spans, dtypes) -> None:
     count = len(raws) - 1
     models = tuple(sorted({i for i, _ in live}))
     bits = fused.kernel(("bits", count, dtypes, models), lambda: fused.magnitude_bits_body(count, models))
-    for a, b in spans:
-        for i, keys in zip(models, bits(*[r[a:b] for r in raws]), strict=True):
-            counts = torch.bincount(keys.bitwise_right_shift_(16), minlength=1 << 15)
+
+    def high(keys) -> None:
+        for i, k in zip(models, keys, strict=True):
+            counts = torch.bincount(k.bitwise_right_shift_(16), minlength=1 << 15)
             for j, s in live:
                 if j == i:  # breadcrumbs: both selections of a model see the same histogram
                     s.add_high(counts)
+
+    _each_chunk(spans, lambda a, b: bits(*[r[a:b] for r in raws]), high)
     for _, s in live:
         s.choose_bucket()
     owners = tuple(i for i, _ in live)
     low = fused.kernel(("low", count, dtypes, owners), lambda: fused.low_keys_body(count, owners))
     ranges = torch.tensor([s.bucket_range() for _, s in live], dtype=torch.float32)
-    for a, b in spans:
-        for (_, s), keys in zip(live, low(*[r[a:b] for r in raws], ranges), strict=True):
-            s.add_low(torch.bincount(keys, minlength=fused.LOW_BINS + fused.SPREAD))
+
+    def low_counts(keys) -> None:
+        for (_, s), k in zip(live, keys, strict=True):
+            s.add_low(torch.bincount(k, minlength=fused.LOW_BINS + fused.SPREAD))
+
+    _each_chunk(spans, lambda a, b: low(*[r[a:b] for r in raws], ranges), low_counts)
     for _, s in live:
         s.finish()
+
+
+def _each_chunk(spans, keys: Callable, histogram: Callable) -> None:
+    """``histogram(keys(a, b))`` for every chunk [a, b)."""
+    for a, b in spans:
+        histogram(keys(a, b))
 
 
 class _TieCounter:

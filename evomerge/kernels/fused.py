@@ -54,6 +54,7 @@ def mode() -> str:
 
 
 def _supported() -> bool:
+    """Whether torch.compile can be tried here (imports torch._dynamo, about a second, on first use)."""
     global _disabled
     if _disabled is None and not hasattr(torch, "compile"):
         _disabled = "this torch has no torch.compile"
@@ -71,9 +72,11 @@ def _supported() -> bool:
 def wanted(structure: tuple, numel: int, device: torch.device) -> bool:
     """Whether to merge a tensor of ``numel`` entries with the compiled kernels of ``structure``."""
     m = mode()
-    if m == "0" or device.type != "cpu" or numel < MIN_NUMEL or not _supported():
+    if m == "0" or device.type != "cpu" or numel < MIN_NUMEL:
         return False
-    return m == "1" or _eager_s[structure] >= AUTO_AFTER_S
+    if m == "auto" and _eager_s[structure] < AUTO_AFTER_S:
+        return False
+    return _supported()
 
 
 def note_eager(structure: tuple, seconds: float) -> None:
@@ -119,7 +122,7 @@ def kernel(structure: tuple, build: Callable[[], Callable]) -> _Compiled:
 
 def available() -> str | None:
     """None while compiled kernels may be used, else why not."""
-    return _disabled if not _supported() or _disabled else None
+    return None if _supported() else _disabled
 
 
 # ---------------------------------------------------------------- kernel bodies
@@ -218,12 +221,13 @@ def magnitude_bits_body(n: int, models: tuple[int, ...]) -> Callable:
 
 
 LOW_BINS = 1 << 16
-SPREAD = 1 << 10  # entries outside the bucket go to one of SPREAD spare bins, round robin by position
+SPREAD = 1 << 10  # entries outside the bucket go to one of SPREAD spare bins (by their scaled offset)
 
 
 def low_keys_body(n: int, models: tuple[int, ...]) -> Callable:
     """StreamTopK's second pass: for each selection (``models``: its model), the low 16 bits of |x_i - b|
-    where that value lies in the selection's bucket, else a spare bin LOW_BINS + (position % SPREAD).
+    where that value lies in the selection's bucket, else one of SPREAD spare bins from LOW_BINS on (spread,
+    so the histogram loop does not serialize on one counter).
 
     Computed without bit operations (which do not vectorize here): inside a bucket [lo, hi) all values
     share one exponent, so (v - lo) / ulp, with the power-of-two 1 / ulp applied as two exact factors,
@@ -232,12 +236,12 @@ def low_keys_body(n: int, models: tuple[int, ...]) -> Callable:
 
     def low(*args):
         b, ranges = args[n].float(), args[n + 1]
-        spare = (torch.arange(b.shape[0], device=b.device) & (SPREAD - 1)).to(torch.int32) + LOW_BINS
         out = []
         for s, i in enumerate(models):
             v = (args[i].float() - b).abs()
             inside = (v >= ranges[s, 0]) & (v < ranges[s, 1])
-            out.append(torch.where(inside, ((v - ranges[s, 0]) * ranges[s, 2] * ranges[s, 3]).to(torch.int32), spare))
+            key = ((v - ranges[s, 0]) * ranges[s, 2] * ranges[s, 3]).to(torch.int32)  # outside: any int
+            out.append(torch.where(inside, key, (key & (SPREAD - 1)) + LOW_BINS))
         return tuple(out)
 
     return low

@@ -122,17 +122,20 @@ class StreamTopK:
         self.ties_total = int(self.low[sub])
 
     def mask(self, magnitude: torch.Tensor) -> torch.Tensor:
+        """The next chunk's keep mask as float32 1.0 / 0.0 (eager CPU torch is much faster on floats)."""
         if self.trivial:
-            return torch.full_like(magnitude, self.k > 0, dtype=torch.bool)
+            return torch.full_like(magnitude, float(self.k > 0), dtype=torch.float32)
         if self.ties_wanted == self.ties_total:
-            return magnitude >= self.threshold
-        keep = magnitude > self.threshold
-        ties = (magnitude == self.threshold).reshape(-1)
-        count = int(torch.count_nonzero(ties))
-        if count:
-            rank = ties.cumsum(0) + self.ties_seen
-            keep.view(-1).logical_or_(ties & (rank <= self.ties_wanted))
-            self.ties_seen += count
+            return torch.ge(magnitude, self.threshold, out=torch.empty_like(magnitude, dtype=torch.float32))
+        keep = torch.gt(magnitude, self.threshold, out=torch.empty_like(magnitude, dtype=torch.float32))
+        ties = torch.eq(magnitude, self.threshold, out=torch.empty_like(keep)).view(-1)
+        count = int(ties.sum())
+        take = self.ties_wanted - self.ties_seen  # ties still to keep, lowest index first
+        if count and take > 0:
+            if count > take:  # the last kept tie is in this chunk: keep the first `take` of its ties
+                ties.mul_(ties.cumsum(0).le_(take))  # float counts are exact below 2^24
+            keep.view(-1).add_(ties)
+        self.ties_seen += count
         return keep
 
     @property

@@ -1,0 +1,156 @@
+"""Fused (torch.compile) chunk kernels: agreement with the whole-tensor kernels, seeded randomness, and the
+eager fallback. Compiling takes seconds per kernel structure, so the cases share a few structures."""
+
+from __future__ import annotations
+
+import logging
+import struct
+
+import pytest
+import torch
+
+from evomerge.kernels import TensorContext, chunked, fused, get_method
+from evomerge.kernels.select import StreamTopK, hashed_uniform, uniform
+
+pytestmark = pytest.mark.slow
+
+N = 3 * (1 << 14) + 4096 + 123  # several chunks, a partial chunk and a partial tie-count block
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    if fused.available() is not None:
+        pytest.skip(f"no compiled kernels here: {fused.available()}")
+    monkeypatch.setenv(fused.ENV, "1")
+    monkeypatch.setattr(fused, "CHUNK", 1 << 14)
+
+
+def models(kind: str, n: int = N, dtype=torch.bfloat16, seed: int = 0) -> list[torch.Tensor]:
+    """Two experts and a base: random deltas, heavily tied deltas, or mostly unchanged entries."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "tied":  # small integer multiples of 2^-8: exact in bf16, thousands of equal magnitudes
+        base = torch.randint(-64, 64, (n,), generator=g) / 256.0
+        xs = [base + torch.randint(-3, 4, (n,), generator=g) / 256.0 for _ in range(2)]
+    elif kind == "unchanged":  # 90% of entries equal the base: the k-th largest delta is 0
+        base = torch.randn(n, generator=g) * 0.02
+        xs = [torch.where(torch.rand(n, generator=g) < 0.9, base, base + torch.randn(n, generator=g) * 0.002)
+              for _ in range(2)]
+    else:
+        base = torch.randn(n, generator=g) * 0.02
+        xs = [base + torch.randn(n, generator=g) * 0.002 for _ in range(2)]
+    return [t.to(dtype) for t in (*xs, base)]
+
+
+def both(name: str, raws, params: list[dict], out_dtype=torch.float32, seed: int = 3, **gp):
+    """(whole-tensor eager kernel, fused chunks) outputs for sources raws[:-1] over base raws[-1]."""
+    m = get_method(name)
+    mps = [m.model_params(**p) for p in params]
+    gps = m.global_params(**gp)
+    ctx = TensorContext("model.layers.0.mlp.up_proj.weight", seed=seed, model_ids=("a", "b"))
+    ref = m.fn([r.to(torch.float32, copy=True) for r in raws[:-1]], raws[-1].float(), mps, gps, ctx).to(out_dtype)
+    out = torch.empty(raws[0].shape, dtype=out_dtype)
+    chunked.run_fused(m.fn, list(raws), mps, gps, ctx, out)
+    return ref, out
+
+
+def close(got: torch.Tensor, ref: torch.Tensor) -> None:
+    """float32 agreement to 1e-6 relative (eager's fused multiply-add can move the last bit)."""
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6 * float(ref.abs().max()))
+
+
+CASES = [
+    ("task_arithmetic", [{"weight": 0.7}, {"weight": 0.5}], {}),
+    ("task_arithmetic", [{"weight": 1.0}, {"weight": -0.95}], {"normalize": True}),  # 1/0.05: task-vector form
+    ("ties", [{"weight": 0.7, "density": 0.4}, {"weight": 0.5, "density": 1.0}], {}),
+    ("ties", [{"weight": 1.0, "density": 0.0}, {"weight": 0.5, "density": 0.3}], {"lam": 0.8}),
+    ("breadcrumbs_ties", [{"weight": 0.7, "density": 0.8, "gamma": 0.05}, {"weight": 0.5, "density": 0.5}], {}),
+    ("breadcrumbs", [{"weight": 0.7, "density": 0.6, "gamma": 0.2}, {"weight": 0.5, "density": 0.9}], {}),
+    ("dare_ties", [{"weight": 0.7, "density": 0.4}, {"weight": 0.5, "density": 0.9}], {}),
+    ("dare_linear", [{"weight": 0.7, "density": 0.3}, {"weight": 0.5, "density": 1.0}], {"rescale": "none"}),
+]
+
+
+@pytest.mark.parametrize("kind", ["random", "tied", "unchanged"])
+@pytest.mark.parametrize("name,params,gp", CASES)
+def test_fused_agrees_with_whole_tensor_kernel(name, params, gp, kind):
+    ref, out = both(name, models(kind), params, **gp)
+    close(out, ref)
+
+
+def test_fused_bf16_output_and_float32_subnormal_deltas():
+    ref, out = both("ties", models("random"), [{"density": 0.5}, {"density": 0.5}], out_dtype=torch.bfloat16)
+    assert torch.equal(out.float(), ref.float())
+    raws = [t * 1e-36 for t in models("random", dtype=torch.float32)]  # deltas ~1e-39: subnormal floats
+    ref, out = both("ties", raws, [{"density": 0.5}, {"density": 0.7}])
+    assert torch.equal(out, ref)
+
+
+def test_fused_dare_is_deterministic_and_seeded():
+    raws = models("random")
+    params = [{"density": 0.5}, {"density": 0.5}]
+    _, a = both("dare_ties", raws, params, seed=1)
+    _, b = both("dare_ties", raws, params, seed=1)
+    _, c = both("dare_ties", raws, params, seed=2)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_hashed_uniform_matches_between_eager_and_compiled():
+    low = torch.arange(5, 5 + 70_001, dtype=torch.int64)
+    draw = torch.compile(lambda pos, k1, k2: hashed_uniform(pos, k1, k2), dynamic=True, fullgraph=True)
+    k1, k2 = torch.tensor(0x9E3779B9), torch.tensor(0x7F4A7C15)
+    assert torch.equal(draw(low, k1, k2), hashed_uniform(low, int(k1), int(k2)))
+    u = uniform(7, "m", "t", 0, 1 << 20)
+    assert torch.equal(u[5:70_006], uniform(7, "m", "t", 5, 70_006))  # any chunking draws the same values
+    assert float(u.min()) >= 0.0 and float(u.max()) < 1.0 and abs(float(u.mean()) - 0.5) < 3e-3
+
+
+@pytest.mark.parametrize("bucket", [0, 1, 0x3A8F, 0x3F80, 0x7F7F])
+def test_bucket_range_gives_exact_low_bits(bucket):
+    sel = StreamTopK(1, 2)
+    sel.bucket = bucket
+    lo, hi, f1, f2 = sel.bucket_range()
+    bits = torch.arange(0, 1 << 16, 97, dtype=torch.int64) | (bucket << 16)
+    values = torch.tensor([struct.unpack("<f", struct.pack("<I", b))[0] for b in bits.tolist()], dtype=torch.float32)
+    assert bool(((values >= lo) & (values < hi)).all())
+    assert torch.equal(((values - lo) * f1 * f2).to(torch.int64), bits & 0xFFFF)
+    assert struct.unpack("<I", struct.pack("<f", hi))[0] == (bucket + 1) << 16
+
+
+def test_nonfinite_chunks_are_reported():
+    raws = models("random")
+    raws[1][20_000] = float("inf")
+    seen = []
+    m = get_method("ties")
+    mps = [m.model_params(density=0.5)] * 2
+    chunked.run_fused(m.fn, raws, mps, m.global_params(), TensorContext("t", model_ids=("a", "b")),
+                      torch.empty(N), on_nonfinite=lambda a, b: seen.append((a, b)))
+    assert seen == [(16_384, 32_768)]
+
+
+def test_compile_failure_falls_back_to_eager_once(monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(fused, "_kernels", {})
+    monkeypatch.setattr(fused, "_disabled", None)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: broken)
+    m = get_method("ties")
+    mps = [m.model_params(density=0.5)] * 2
+    with caplog.at_level(logging.WARNING), pytest.raises(fused.Unavailable):
+        chunked.run_fused(m.fn, models("random"), mps, m.global_params(), TensorContext("t", model_ids=("a", "b")),
+                          torch.empty(N))
+    assert "merging eagerly" in caplog.text and fused.available() is not None
+    assert not fused.wanted(("any",), 1 << 30, torch.device("cpu"))
+
+
+def test_when_compiled_kernels_are_used(monkeypatch):
+    cpu = torch.device("cpu")
+    key = ("test-structure",)
+    assert fused.wanted(key, fused.MIN_NUMEL, cpu) and not fused.wanted(key, fused.MIN_NUMEL - 1, cpu)
+    assert not fused.wanted(key, 1 << 30, torch.device("meta"))
+    monkeypatch.setenv(fused.ENV, "0")
+    assert not fused.wanted(key, 1 << 30, cpu)
+    monkeypatch.delenv(fused.ENV)  # auto: once the structure has spent AUTO_AFTER_S in eager loops
+    assert not fused.wanted(key, 1 << 30, cpu)
+    fused.note_eager(key, fused.AUTO_AFTER_S)
+    assert fused.wanted(key, 1 << 30, cpu)
