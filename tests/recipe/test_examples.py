@@ -4,7 +4,7 @@ import pytest
 
 from evomerge.recipe import load_recipe
 
-EXAMPLES = sorted((Path(__file__).parents[2] / "recipes").rglob("*.yaml"))
+EXAMPLES = sorted((Path(__file__).parents[2] / "recipes" / "examples").rglob("*.yaml"))  # search/ holds search configs
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
