@@ -352,10 +352,10 @@ depth_scaling: {{alpha: 0.6, beta: 0.4}}
     monkeypatch.setenv("EVOMERGE_COMPILE", "0")
     eager, _ = merge(tmp_path, text, "eager", seed=5)
     fused = fused_everywhere(monkeypatch)
-    before = fused.stats["kernels"]
+    before = fused.stats["calls"]
     compiled, _ = merge(tmp_path, text, "compiled", seed=5)
     again, _ = merge(tmp_path, text, "again", seed=5)
-    assert fused.stats["kernels"] > before  # the compiled path did run
+    assert fused.stats["calls"] > before  # the compiled path did run (kernels may be cached from earlier)
     a, b = load_file(eager / "model.safetensors"), load_file(compiled / "model.safetensors")
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-7 * float(a[name].abs().max()))

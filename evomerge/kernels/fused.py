@@ -37,7 +37,7 @@ CHUNK = 1 << 20  # entries per fused-kernel call: one pass per chunk, so size on
 MIN_NUMEL = 1 << 16  # smaller tensors stay on the eager path
 AUTO_AFTER_S = 10.0  # auto mode: eager seconds per structure before compiling it
 
-stats = {"compile_s": 0.0, "kernels": 0}  # compile latency spent in this process (first calls)
+stats = {"compile_s": 0.0, "kernels": 0, "calls": 0}  # compile latency (first calls), kernels, all calls
 _kernels: dict[tuple, _Compiled] = {}
 _eager_s: dict[tuple, float] = defaultdict(float)
 _disabled: str | None = None  # why compiled kernels are off for this process
@@ -105,6 +105,7 @@ class _Compiled:
             _disabled = f"compiling {self.key[0]} failed: {type(e).__name__}: {str(e)[:300]}"
             log.warning("fused kernels off for this process, merging eagerly: %s", _disabled)
             raise Unavailable(_disabled) from e
+        stats["calls"] += 1
         if not self.ready:
             self.ready = True
             stats["compile_s"] += time.perf_counter() - start
