@@ -24,7 +24,7 @@ SKILLS = ("add", "reverse", "lexicon")
 
 def _configs(zoo, runs: Path, seed: int, budget: int, quick: bool) -> list:
     from evomerge.search.config import parse_search_config
-    from evomerge.search.setup import _num_layers
+    from evomerge.search.setup import num_layers_of
 
     common = {
         "seed": seed,
@@ -34,7 +34,7 @@ def _configs(zoo, runs: Path, seed: int, budget: int, quick: bool) -> list:
     sources = [str(zoo.experts[s]) for s in SKILLS]
     cmaes = {**common, "name": "demo-cmaes-ties", "run_dir": str(runs / "cmaes-ties"),
              "models": {"base": str(zoo.base), "sources": sources},
-             "space": {"kind": "parameters", "method": "ties", "layer_groups": min(3, _num_layers(str(zoo.base)))},
+             "space": {"kind": "parameters", "method": "ties", "layer_groups": min(3, num_layers_of(str(zoo.base)))},
              "optimizer": {"name": "cmaes"}, "budget": {"evaluations": budget}}
     m2n2 = {**common, "name": "demo-m2n2-models", "run_dir": str(runs / "m2n2-models"),
             "models": {"sources": sources},
@@ -44,24 +44,13 @@ def _configs(zoo, runs: Path, seed: int, budget: int, quick: bool) -> list:
     return [parse_search_config(c, Path("/")) for c in (cmaes, m2n2)]
 
 
-def _mean(result, split: str) -> dict[str, float]:
-    from evomerge.search.store import item_scores
-
-    out = {}
-    for task, splits in result.results.items():
-        if split in splits:
-            s = item_scores(splits[split]["metric"], splits[split]["scores"])
-            out[task] = math.fsum(s) / len(s)
-    return out
-
-
 def run_demo(out: Path, seed: int = 0, *, budget: int = 48, quick: bool = False, workers: int | None = None) -> Path:
     """Run the whole demo under ``out``; returns the exported model's directory."""
     from transformers.utils import logging as hf_logging
 
     from evomerge.search.export import export_candidate
     from evomerge.search.run import resume_run, start_run
-    from evomerge.search.store import JOURNAL, read_run
+    from evomerge.search.store import JOURNAL, read_run, split_means
     from evomerge.zoo.build import build_zoo
 
     hf_logging.disable_progress_bar()
@@ -104,7 +93,7 @@ def run_demo(out: Path, seed: int = 0, *, budget: int = 48, quick: bool = False,
         for h, r in view.results.items():
             if r.failed:
                 continue
-            s = _mean(r, "search")
+            s = split_means(r.results, "search")
             score = sum(s.values()) / len(s)
             if best is None or score > best[0]:
                 cid = min(c.id for c in view.candidates.values() if c.recipe_hash == h)
@@ -119,13 +108,13 @@ def run_demo(out: Path, seed: int = 0, *, budget: int = 48, quick: bool = False,
     alone = sorted((n, b) for n, b in base_view.baselines.items() if n.endswith(" alone") and not b.failed)
     merges = sorted((n, b) for n, b in base_view.baselines.items() if not n.endswith(" alone") and not b.failed)
     rows = [(label, result), *alone, *merges]
-    tasks = sorted(_mean(result, "heldout"))
+    tasks = sorted(split_means(result.results, "heldout"))
     width = max(10, *(len(t) for t in tasks))
     print()
     print("held-out accuracy (items the searches never saw); the pick is the best search-split mean")
     print(f"{'model':52s} " + " ".join(f"{t:>{width}s}" for t in tasks) + "     mean")
     for name, r in rows:
-        m = _mean(r, "heldout")
+        m = split_means(r.results, "heldout")
         print(f"{name[:52]:52s} " + " ".join(f"{m.get(t, math.nan):{width}.3f}" for t in tasks)
               + f" {sum(m.values()) / max(1, len(m)):8.3f}")
     print()

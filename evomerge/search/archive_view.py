@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import EvomergeError
 from evomerge.search.pareto import ParetoArchive, non_dominated
-from evomerge.search.report import reference_point, task_means
+from evomerge.search.report import reference_point, task_means, task_names
 from evomerge.search.store import CONFIG, ResultRecord, RunView, read_run
 
 if TYPE_CHECKING:  # the config module loads torch (through evomerge.recipe): kept out of `evomerge --help`
@@ -153,21 +153,6 @@ class ArchiveView:
         return recipe_hash[:8]
 
 
-def _task_names(config: SearchConfig, run: RunView) -> list[str]:
-    """Task names in config order: from a result in the journal (scored in config order), else the files."""
-    n = len(config.tasks)
-    records = [*run.results.values(), *run.baselines.values()]
-    for r in records:
-        if not r.failed and len(r.results) == n:
-            return list(r.results)
-    try:
-        from evomerge.fitness.task import load_task
-
-        return [load_task(t.path).name for t in config.tasks]
-    except (EvomergeError, OSError):
-        return [Path(t.path).stem for t in config.tasks]
-
-
 def _entry(kind: str, r: ResultRecord, config: SearchConfig, names: list[str], **extra) -> Entry | None:
     pairs = list(zip(names, config.tasks, strict=True))
     search = task_means(r.results, [(n, t.search_split) for n, t in pairs])
@@ -184,7 +169,7 @@ def load_archive(run_dir: str | Path) -> ArchiveView:
     run_dir = Path(run_dir)
     run = read_run(run_dir)
     config = load_search_config(run_dir / CONFIG, check_paths=False)
-    names = _task_names(config, run)
+    names = task_names(run, config)
     with_cost = config.space.kind == "dataflow" and bool(config.space.cost_objective)
     ids: dict[str, list[int]] = {}
     records: dict[str, Any] = {}

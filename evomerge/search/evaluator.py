@@ -89,7 +89,7 @@ class InProcessEvaluator:
         self._shapes: dict[str, tuple[int, ...]] | None = None
         self._layers: int | None = None
 
-    def _resident(self):
+    def resident(self):
         if self._backend is None:
             from evomerge.checkpoint.reader import Checkpoint
 
@@ -109,7 +109,7 @@ class InProcessEvaluator:
         start = time.perf_counter()
         if self.resolver is not None:
             recipe = self.resolver.resolve(recipe)
-        backend = self._resident()
+        backend = self.resident()
         plan = build_plan(recipe, Path("/"), seed=recipe.seed)
         try:
             in_place = (

@@ -20,7 +20,7 @@ import yaml
 from evomerge.errors import EvomergeError
 from evomerge.recipe.schema import Recipe
 from evomerge.recipe.values import Conditional, Groups
-from evomerge.search.store import CACHE, CONFIG, RunView, item_scores, read_run
+from evomerge.search.store import CACHE, CONFIG, RunView, read_run, split_means
 from evomerge.search.types import CANDIDATE_PREFIX
 
 log = logging.getLogger(__name__)
@@ -131,9 +131,9 @@ def export_candidate(run_dir: str | Path, which: str, out: str | Path, *, overwr
     cid, h, data = find_candidate(view, which)
     recipe = parse_recipe(data, f"candidate {which}")
     store = {c.recipe_hash: parse_recipe(c.recipe, f"candidate {c.id}") for c in view.candidates.values()}
-    from evomerge.search.setup import _config_recipes
+    from evomerge.search.setup import config_recipes
 
-    store.update(_config_recipes(config))
+    store.update(config_recipes(config))
     ancestors = lineage(recipe, store)
     resolver = LineageResolver(store, run_dir / CACHE, Path("/"))
     path = resolver.materialize(recipe, out, seed=recipe.seed, overwrite=overwrite)
@@ -154,13 +154,7 @@ def export_candidate(run_dir: str | Path, which: str, out: str | Path, *, overwr
 
 
 def _means(result, split: str) -> dict[str, float]:
-    out = {}
-    for task, splits in (result.results if result else {}).items():
-        r = splits.get(split)
-        if r is not None:
-            s = item_scores(r["metric"], r["scores"])
-            out[task] = math.fsum(s) / len(s)
-    return out
+    return split_means(result.results, split) if result else {}
 
 
 def model_card(view: RunView, config, cid, h, recipe: Recipe, result, ancestors, has_mergekit: bool) -> str:

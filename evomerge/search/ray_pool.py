@@ -73,7 +73,7 @@ class _Actor:
             self._ids = (ctx.get_node_id(), ctx.get_actor_id() or "")
         except Exception:  # noqa: BLE001 - outside Ray there are no ids
             pass
-        self.evaluator._resident()  # load the backend now, not inside the first candidate's timing
+        self.evaluator.resident()  # load the backend now, not inside the first candidate's timing
 
     def ready(self) -> dict:
         return {"pid": self.pid, "host": self.host, "node": self._ids[0], "actor": self._ids[1]}
@@ -143,7 +143,6 @@ class RayExecutor:
         self._starting: dict[Any, Any] = {}  # ready() ref -> actor handle still starting
         self._queue: deque[tuple[int, Recipe]] = deque()
         self._redispatched: dict[int, int] = {}
-        self.deaths = 0
 
     # -- pool ------------------------------------------------------------------------------------------
 
@@ -260,7 +259,6 @@ class RayExecutor:
             return key, outcome, None
 
     def _lost(self, slot: _Slot, key: int, recipe: Recipe, err: BaseException) -> None:
-        self.deaths += 1
         log.warning("evaluator %s died with candidate %d in flight: %s", slot.info.get("pid"), key,
                     str(err).splitlines()[0] if str(err) else type(err).__name__)
         if slot in self.slots:

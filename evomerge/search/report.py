@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from evomerge.search.store import CONFIG, RunView, item_scores, read_run
+from evomerge.search.store import CONFIG, RunView, read_run, split_mean
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,7 @@ def task_means(result: dict, split_of) -> tuple[float, ...] | None:
         r = result.get(task, {}).get(split) if split else None
         if r is None:
             return None
-        s = item_scores(r["metric"], r["scores"])
-        out.append(math.fsum(s) / len(s))
+        out.append(split_mean(r))
     return tuple(out)
 
 
@@ -41,11 +40,15 @@ def task_names(view: RunView, config) -> list[str]:
     """The tasks' names in config order, read from the journal's results (so a run whose task files moved
     can still be read); from the task files only when nothing has been scored yet."""
     for r in [*view.results.values(), *view.baselines.values()]:
-        if r.results and len(r.results) == len(config.tasks):
+        if not r.failed and len(r.results) == len(config.tasks):
             return list(r.results)
+    from evomerge.errors import EvomergeError
     from evomerge.fitness.task import load_task
 
-    return [load_task(t.path).name for t in config.tasks]
+    try:
+        return [load_task(t.path).name for t in config.tasks]
+    except (EvomergeError, OSError):  # nothing scored yet and the task files moved
+        return [Path(t.path).stem for t in config.tasks]
 
 
 def scored(view: RunView, config) -> list[Scored]:
@@ -80,9 +83,9 @@ def reference_point(config) -> tuple[float, ...]:
     data-flow cost objective (costs are negated so that every objective is maximised)."""
     ref = (0.0,) * len(config.tasks)
     if config.space.kind == "dataflow" and config.space.cost_objective:
-        from evomerge.search.setup import _num_layers
+        from evomerge.search.setup import num_layers_of
 
-        ref += (-float(2 * _num_layers(config.space.model_b) * config.space.repeats),)
+        ref += (-float(2 * num_layers_of(config.space.model_b) * config.space.repeats),)
     return ref
 
 

@@ -23,9 +23,9 @@ import os
 import time
 import traceback
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import yaml
 
@@ -101,7 +101,6 @@ class RunSummary:
     elapsed: float
     failed: int
     cache_hits: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def identity_hash(config: SearchConfig) -> str:
@@ -167,6 +166,12 @@ def resume_run(run_dir: str | Path, *, evaluations: int | None = None, wall_time
             journal.append({"kind": "resume", "t": time.time(), "budget": update or None,
                             "in_flight": [c.id for c in view.in_flight()]})
         return _Loop(config, run_dir, executor, progress).run()
+
+
+def _results_json(outcome: Outcome) -> dict:
+    """An Outcome's TaskResults as the journal stores them: task -> split -> dict."""
+    return {task: {split: r.model_dump(mode="json") for split, r in splits.items()}
+            for task, splits in outcome.results.items()}
 
 
 def to_evaluation(search: Search, cid: int, recipe_hash: str, results: dict, *, failed: bool,
@@ -299,19 +304,16 @@ class _Loop:
                 cid, outcome, err = self.executor.next_finished()
                 cand, h, recipe, cost = in_flight[cid]
                 if err is not None:
-                    if self._failure(cand, h, recipe, err):
+                    if self._failure(cand, h, recipe, cost, err):
                         continue  # resubmitted: another attempt
                     results, failed = {}, True
                 else:
-                    results = {task: {split: r.model_dump(mode="json") for split, r in splits.items()}
-                               for task, splits in outcome.results.items()}
-                    failed = False
-                    self.journal.append({"kind": "result", "id": cid, "hash": h, "results": results,
-                                         "timings": outcome.timings, "worker": outcome.worker, "cost": cost,
-                                         "elapsed": self.elapsed0 + time.perf_counter() - session_start,
-                                         "t": time.time()})
+                    results, failed = _results_json(outcome), False
+                    self._append({"kind": "result", "id": cid, "hash": h, "results": results,
+                                  "timings": outcome.timings, "worker": outcome.worker, "cost": cost,
+                                  "elapsed": self.elapsed0 + time.perf_counter() - session_start,
+                                  "t": time.time()})
                 del in_flight[cid]
-                self._record(h, results, failed, cost, outcome)
                 self._tell(cand, h, results, failed, cost)
                 for other, other_cost in waiting.pop(h, []):
                     self._tell(other, h, results, failed, other_cost)
@@ -348,23 +350,19 @@ class _Loop:
                 rec["error"] = f"{type(err).__name__}: {err}"
                 log.warning("baseline '%s' failed: %s", name, rec["error"])
             else:
-                rec.update(results={task: {split: r.model_dump(mode="json") for split, r in splits.items()}
-                                    for task, splits in outcome.results.items()},
-                           timings=outcome.timings, worker=outcome.worker)
-            self.journal.append(rec)
-            from evomerge.search.store import ResultRecord
-
-            self.view.baselines[name] = ResultRecord(rec["hash"], rec.get("results", {}), rec.get("timings", {}),
-                                                     rec.get("worker", ""), failed="error" in rec,
-                                                     error=rec.get("error"))
-            self.view.baseline_recipes[name] = data
+                rec.update(results=_results_json(outcome), timings=outcome.timings, worker=outcome.worker)
+            self._append(rec)
 
     def _copy_baseline(self, cand: Candidate, h: str, known, cost) -> None:
-        self.journal.append({"kind": "result", "id": cand.id, "hash": h, "results": known.results,
-                             "timings": known.timings, "worker": known.worker, "cost": cost, "from": "baseline",
-                             "elapsed": self.elapsed0, "t": time.time()})
-        self._record(h, known.results, False, cost, None)
+        self._append({"kind": "result", "id": cand.id, "hash": h, "results": known.results,
+                      "timings": known.timings, "worker": known.worker, "cost": cost, "from": "baseline",
+                      "elapsed": self.elapsed0, "t": time.time()})
         self.bar.update(1)
+
+    def _append(self, rec: dict) -> None:
+        """Journal one record (durably), then replay it into the in-memory view, as a reader would."""
+        self.journal.append(rec)
+        self.view.apply(rec)
 
     def _bar(self, done: int):
         from tqdm.auto import tqdm
@@ -388,42 +386,29 @@ class _Loop:
                     f"{known.recipe_hash[:12]}): the search is not reproducible from this journal "
                     "(changed code or nondeterministic optimizer)")
         else:
-            from evomerge.search.store import CandidateRecord
-
-            data = recipe.model_dump(mode="json", exclude_defaults=True)
-            rec = {"kind": "ask", "id": cand.id, "hash": h, "recipe": data,
-                   "genome": list(cand.genome) if cand.genome is not None else None,
-                   "parents": list(cand.parents), "info": cand.info, "t": time.time()}
-            self.journal.append(rec)
-            self.view.candidates[cand.id] = CandidateRecord(cand.id, h, data, rec["genome"], rec["parents"],
-                                                            cand.info, rec["t"])
+            self._append({"kind": "ask", "id": cand.id, "hash": h,
+                          "recipe": recipe.model_dump(mode="json", exclude_defaults=True),
+                          "genome": list(cand.genome) if cand.genome is not None else None,
+                          "parents": list(cand.parents), "info": cand.info, "t": time.time()})
         self.search.remember(h, recipe)
         if cand.id not in self.asked_ids:
             self.asked_ids.append(cand.id)
 
-    def _failure(self, cand: Candidate, h: str, recipe: Recipe, err: BaseException) -> bool:
+    def _failure(self, cand: Candidate, h: str, recipe: Recipe, cost: float | None, err: BaseException) -> bool:
         """Journal one failed attempt; True if the candidate gets another attempt."""
         attempts = 1 + sum(1 for f in self.view.failures if f["hash"] == h)
         text = f"{type(err).__name__}: {err}"
         rec = {"kind": "failure", "id": cand.id, "hash": h, "attempt": attempts, "error": text,
                "trace": "".join(traceback.format_exception(err))[-4000:], "t": time.time()}
-        self.journal.append(rec)
-        self.view.failures.append(rec)
+        self._append(rec)
         log.warning("candidate %d failed (attempt %d): %s", cand.id, attempts, text)
         gc.collect()
         if attempts <= self.config.evaluation.max_retries:
             self.executor.submit(cand.id, recipe)
             return True
-        self.journal.append({"kind": "failed", "id": cand.id, "hash": h, "error": text, "t": time.time()})
+        self._append({"kind": "failed", "id": cand.id, "hash": h, "error": text, "cost": cost, "t": time.time()})
         self.failed += 1
         return False
-
-    def _record(self, h, results, failed, cost, outcome) -> None:
-        from evomerge.search.store import ResultRecord
-
-        self.view.results[h] = ResultRecord(h, results, outcome.timings if outcome else {},
-                                            outcome.worker if outcome else "", failed=failed,
-                                            order=len(self.view.results), cost=cost)
 
     def _tell(self, cand: Candidate, h: str, results: dict, failed: bool, cost: float | None) -> None:
         ev = to_evaluation(self.search, cand.id, h, results, failed=failed, cost=cost)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,17 +14,12 @@ from evomerge.search.store import CACHE
 from evomerge.search.types import CANDIDATE_PREFIX, Optimizer, candidate_ref
 
 
-def _num_layers(model: str) -> int:
-    path = Path(model) / "config.json"
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise RecipeError(f"cannot read '{path}': {e}") from None
-    cfg = cfg.get("text_config", cfg)
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if isinstance(cfg.get(key), int):
-            return cfg[key]
-    raise RecipeError(f"'{path}' does not say how many layers the model has")
+def num_layers_of(model: str) -> int:
+    """Layers of a checkpoint (its config, read by the checkpoint reader; CheckpointError names the problem)."""
+    from evomerge.checkpoint.reader import Checkpoint
+
+    with Checkpoint(model) as ck:
+        return ck.num_layers
 
 
 @dataclass
@@ -95,7 +89,7 @@ def _evaluator(config: SearchConfig, run_dir: Path, tasks, reference: str, recip
 def evaluator_for(config: SearchConfig, run_dir: Path, recipes: dict[str, Recipe]) -> InProcessEvaluator:
     """An evaluator for ``config`` without building its optimizer (what a remote worker needs); lineage
     recipes are looked up in ``recipes``, which the caller keeps filling."""
-    recipes.update(_config_recipes(config))
+    recipes.update(config_recipes(config))
     return _evaluator(config, run_dir, load_tasks(config), _reference(config), recipes)
 
 
@@ -108,7 +102,7 @@ def _reference(config: SearchConfig) -> str:
     return config.models.sources[0]
 
 
-def _config_recipes(config: SearchConfig) -> dict[str, Recipe]:
+def config_recipes(config: SearchConfig) -> dict[str, Recipe]:
     """Recipes the config itself names as models (a data-flow model A given as a recipe file)."""
     if config.space.kind == "dataflow" and Path(config.space.model_a).is_file():
         from evomerge.recipe.load import load_recipe
@@ -153,27 +147,27 @@ def build_search(config: SearchConfig, run_dir: Path) -> Search:
         from evomerge.search.space import ParameterSpace
 
         space = ParameterSpace(method=space_cfg.method, base=models.base, models=list(models.sources),
-                               num_layers=_num_layers(models.sources[0]), layer_groups=space_cfg.layer_groups,
+                               num_layers=num_layers_of(models.sources[0]), layer_groups=space_cfg.layer_groups,
                                components=space_cfg.components, genes=space_cfg.genes, fixed=space_cfg.fixed,
                                dtype=space_cfg.dtype, seed=config.seed)
     elif space_cfg.kind == "dataflow":
         from evomerge.search.dataflow import DataFlowSpace
 
         model_a, layers_from = space_cfg.model_a, space_cfg.model_a
-        given = _config_recipes(config)
+        given = config_recipes(config)
         if given:  # model A is a recipe (e.g. a parameter-space result): a lineage source
             [(h, recipe)] = given.items()
             recipes[h] = recipe
             model_a = candidate_ref(h)
             layers_from = recipe.models()[0]
-        space = DataFlowSpace(model_a, space_cfg.model_b, num_layers=_num_layers(layers_from),
+        space = DataFlowSpace(model_a, space_cfg.model_b, num_layers=num_layers_of(layers_from),
                               repeats=space_cfg.repeats, scale=tuple(space_cfg.scale), dtype=space_cfg.dtype)
         cost = space_cfg.cost_objective
     else:
         from evomerge.search.lineage import crossover_recipe
         from evomerge.search.space import identity_recipe
 
-        layers = _num_layers(models.sources[0])
+        layers = num_layers_of(models.sources[0])
         opt_kwargs = {"initial": [(m, identity_recipe(m)) for m in models.sources],
                       "make_child": lambda a, b, split, mix: crossover_recipe(a, b, layers, split, mix),
                       "num_layers": layers}

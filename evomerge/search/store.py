@@ -26,6 +26,17 @@ CACHE = "cache"
 LOCK = "lock"
 
 
+def split_mean(result: dict[str, Any]) -> float:
+    """The mean of one TaskResult's (as a dict) per-item scores, mapped into [0, 1] by ``item_scores``."""
+    s = item_scores(result["metric"], result["scores"])
+    return math.fsum(s) / len(s)
+
+
+def split_means(results: dict[str, dict[str, dict[str, Any]]], split: str) -> dict[str, float]:
+    """Task name -> mean score on ``split``, for every task of a ResultRecord's results that has it."""
+    return {task: split_mean(splits[split]) for task, splits in results.items() if split in splits}
+
+
 def item_scores(metric: str, scores: list[float]) -> list[float]:
     """Per-item scores mapped into [0, 1] (higher is better): accuracies as they are, mean log-probability
     per token as exp(logprob), the geometric-mean token probability."""
@@ -88,6 +99,35 @@ class RunView:
         """Recipes evaluated (finished or failed for good); cache hits do not count."""
         return len(self.results)
 
+    def apply(self, rec: dict[str, Any]) -> None:
+        """Replay one journal record into this view (reading a journal, and the run loop as it writes)."""
+        kind = rec["kind"]
+        if kind == "start":
+            self.start = rec
+        elif kind == "ask":
+            self.candidates[rec["id"]] = CandidateRecord(rec["id"], rec["hash"], rec["recipe"], rec.get("genome"),
+                                                         rec.get("parents", []), rec.get("info", {}), rec.get("t"))
+        elif kind in ("result", "failed"):
+            if rec["hash"] not in self.results:
+                self.results[rec["hash"]] = ResultRecord(
+                    rec["hash"], rec.get("results", {}), rec.get("timings", {}), rec.get("worker", ""),
+                    failed=kind == "failed", error=rec.get("error"), order=len(self.results), cost=rec.get("cost"))
+            self.elapsed = max(self.elapsed, rec.get("elapsed", 0.0))
+        elif kind == "baseline":
+            self.baselines[rec["name"]] = ResultRecord(rec["hash"], rec.get("results", {}), rec.get("timings", {}),
+                                                       rec.get("worker", ""), failed=bool(rec.get("error")),
+                                                       error=rec.get("error"))
+            self.baseline_recipes[rec["name"]] = rec["recipe"]
+        elif kind == "failure":
+            self.failures.append(rec)
+        elif kind == "resume":
+            self.resumes += 1
+            self.ended = None
+            self.budget_update.update(rec.get("budget") or {})
+        elif kind == "end":
+            self.ended = rec
+            self.elapsed = max(self.elapsed, rec.get("elapsed", 0.0))
+
     def in_flight(self) -> list[CandidateRecord]:
         """Candidates asked whose recipe has no result yet (they are re-run on resume)."""
         return [c for c in self.candidates.values() if c.recipe_hash not in self.results]
@@ -101,32 +141,7 @@ def read_run(run_dir: str | Path) -> RunView:
         raise JournalError(f"'{run_dir}' is not a run directory (no {JOURNAL})")
     view = RunView(run_dir)
     for rec in Journal(path).read():
-        kind = rec["kind"]
-        if kind == "start":
-            view.start = rec
-        elif kind == "ask":
-            view.candidates[rec["id"]] = CandidateRecord(rec["id"], rec["hash"], rec["recipe"], rec.get("genome"),
-                                                         rec.get("parents", []), rec.get("info", {}), rec.get("t"))
-        elif kind in ("result", "failed"):
-            if rec["hash"] not in view.results:
-                view.results[rec["hash"]] = ResultRecord(
-                    rec["hash"], rec.get("results", {}), rec.get("timings", {}), rec.get("worker", ""),
-                    failed=kind == "failed", error=rec.get("error"), order=len(view.results), cost=rec.get("cost"))
-            view.elapsed = max(view.elapsed, rec.get("elapsed", 0.0))
-        elif kind == "baseline":
-            view.baselines[rec["name"]] = ResultRecord(rec["hash"], rec.get("results", {}), rec.get("timings", {}),
-                                                       rec.get("worker", ""), failed=bool(rec.get("error")),
-                                                       error=rec.get("error"))
-            view.baseline_recipes[rec["name"]] = rec["recipe"]
-        elif kind == "failure":
-            view.failures.append(rec)
-        elif kind == "resume":
-            view.resumes += 1
-            view.ended = None
-            view.budget_update.update(rec.get("budget") or {})
-        elif kind == "end":
-            view.ended = rec
-            view.elapsed = max(view.elapsed, rec.get("elapsed", 0.0))
+        view.apply(rec)
     if view.start is None:
         raise JournalError(f"{path}: the journal has no start record")
     return view

@@ -24,7 +24,7 @@ from typing import Any
 
 from evomerge.errors import EvomergeError
 from evomerge.search.archive_view import ArchiveView, Entry, load_archive, table
-from evomerge.search.store import CONFIG, item_scores
+from evomerge.search.store import CONFIG, split_mean
 
 log = logging.getLogger(__name__)
 VALIDATION = "validation.json"
@@ -70,9 +70,7 @@ def _means(results: dict[str, dict[str, Any]], tasks: list[str], splits: list[st
         r = results.get(task, {}).get(split)
         if r is None:
             return None
-        r = r if isinstance(r, dict) else r.model_dump(mode="json")
-        s = item_scores(r["metric"], r["scores"])
-        out.append(math.fsum(s) / len(s))
+        out.append(split_mean(r if isinstance(r, dict) else r.model_dump(mode="json")))
     return out
 
 

@@ -17,9 +17,15 @@ def runs(quick_zoo, tmp_path_factory):
     ps = config(quick_zoo, tmp, budget=5, optimizer={"name": "random"},
                 space={"kind": "parameters", "method": "ties", "layer_groups": 1})
     start_run(ps, tmp / "ps", progress=False)
-    models = config(quick_zoo, tmp, budget=6, optimizer={"name": "m2n2", "settings": {"archive_size": 3}},
-                    space={"kind": "models"})
-    start_run(models, tmp / "models", progress=False)
+    # a lineage: every candidate of this data-flow search names model A, itself a merge recipe, by hash
+    (tmp / "a.yaml").write_text(yaml.safe_dump({
+        "method": "task_arithmetic", "base": str(quick_zoo.base),
+        "sources": [{"model": str(quick_zoo.experts["add"]), "parameters": {"weight": 0.8}},
+                    {"model": str(quick_zoo.experts["reverse"]), "parameters": {"weight": 0.6}}]}))
+    lineage = config(quick_zoo, tmp, budget=3, optimizer={"name": "random"},
+                     space={"kind": "dataflow", "model_a": str(tmp / "a.yaml"),
+                            "model_b": str(quick_zoo.experts["reverse"]), "repeats": 1})
+    start_run(lineage, tmp / "lineage", progress=False)
     return tmp
 
 
@@ -31,7 +37,7 @@ def _best(run_dir):
     return max(scored)[1], view
 
 
-@pytest.mark.parametrize("run", ["ps", "models"])
+@pytest.mark.parametrize("run", ["ps", "lineage"])
 def test_export_round_trip(runs, tmp_path, run):
     from evomerge.fitness.backends.hf import HFBackend
     from evomerge.fitness.task import load_task
@@ -58,8 +64,11 @@ def test_export_round_trip(runs, tmp_path, run):
         got = evaluate(task, "heldout", backend)
         assert got.scores == recorded[task.name]["heldout"]["scores"]
     doc = yaml.safe_load((out / "evomerge_recipe.yaml").read_text())
-    if run == "models" and "candidate:" in str(doc["recipe"]):
-        assert doc["lineage"], "a lineage recipe must carry its ancestors"
+    if run == "lineage":
+        assert "candidate:" in str(doc["recipe"]) and len(doc["lineage"]) == 1  # model A's recipe
+        assert not (out / "mergekit_config.yml").exists()
+    else:
+        assert "lineage" not in doc
 
 
 def test_mergekit_config_gives_the_same_tensors(runs, tmp_path):
