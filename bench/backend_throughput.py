@@ -94,9 +94,19 @@ def second_weights(model: Path, tensors: dict) -> tuple[str, dict]:
     return "A + 1% noise", noisy
 
 
+def _sync() -> None:
+    """Wait for queued accelerator work, so a timing includes it (no-op on CPU)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn):
+    _sync()
     start = time.perf_counter()
     value = fn()
+    _sync()
     return time.perf_counter() - start, value
 
 
@@ -211,6 +221,9 @@ def main() -> int:
     ap.add_argument("--hf-threads", type=int, default=max(1, _usable_cpus() - 1),
                     help="torch threads for HFBackend (default: usable CPUs - 1, vLLM-CPU's worker share)")
     ap.add_argument("--backends", nargs="+", default=["hf", "vllm"], choices=["hf", "vllm"])
+    ap.add_argument("--device", default="cpu", help="HFBackend's device (cpu, cuda); vLLM picks its own platform")
+    ap.add_argument("--dtype", default=None,
+                    help="HFBackend's dtype (default: float32 on CPU, the checkpoint's dtype on an accelerator)")
     ap.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = ap.parse_args()
 
@@ -248,7 +261,8 @@ def main() -> int:
 
         torch.set_num_threads(args.hf_threads)
 
-        results["hf"] = measure(lambda: HFBackend(model), task, args.split, a, b, args)
+        results["hf"] = measure(lambda: HFBackend(model, device=args.device, dtype=args.dtype), task, args.split,
+                                a, b, args)
     if "vllm" in args.backends:
         from evomerge.fitness.backends.vllm import VLLMBackend
 
@@ -288,7 +302,12 @@ def report(args, model: Path, task, b_name: str, a: dict, load_avg, results: dic
           f"{load_avg[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end; {versions}")
     compute = []
     if "hf" in results:
-        compute.append(f"hf in this process with {results['hf']['threads']} torch threads")
+        device = args.device
+        if device.startswith("cuda"):
+            import torch
+
+            device += f" ({torch.cuda.get_device_name()})"
+        compute.append(f"hf in this process on {device} with {results['hf']['threads']} torch threads")
     if "vllm" in results:
         env = ", ".join(f"{k}={os.environ.get(k, 'unset')}" for k in
                         ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU"))
