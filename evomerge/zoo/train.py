@@ -149,6 +149,7 @@ def train(
     every = max(1, schedule.steps // 10)
     for step in range(schedule.steps):
         batch = encode_batch(tokenizer, list(itertools.islice(stream, schedule.batch_size)))
+        batch = {k: v.to(model.device) for k, v in batch.items()}
         for group in optimizer.param_groups:
             group["lr"] = schedule.lr_at(step)
         loss = model(**batch, use_cache=False).loss
