@@ -33,7 +33,7 @@ test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: venv
-	$(BIN)/python bench/merge_throughput.py
+	$(BIN)/python bench/run
 
 lint: venv
 	$(BIN)/ruff check evomerge tests bench

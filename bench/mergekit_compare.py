@@ -103,8 +103,10 @@ def main() -> int:
     ap.add_argument("--methods", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--mergekit", default=str(ROOT / ".venv-mergekit" / "bin" / "mergekit-yaml"),
-                    help="command that runs mergekit-yaml (split like a shell would)")
+    ap.add_argument("--mergekit", default=os.environ.get("MERGEKIT_YAML",
+                                                         str(ROOT / ".venv-mergekit" / "bin" / "mergekit-yaml")),
+                    help="command that runs mergekit-yaml, split like a shell would (default: $MERGEKIT_YAML, "
+                         "else the venv of bench/mergekit_env.sh)")
     ap.add_argument("--work", type=Path, help="scratch folder (default: a temporary one, removed after)")
     args = ap.parse_args()
 

@@ -371,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.scores and paths.experts:
         from evomerge.zoo.build import format_matrix, score_matrix
 
-        out += ["heldout scores:", format_matrix(score_matrix(paths))]
+        out += ["heldout scores:", format_matrix(score_matrix(paths, device=args.device))]
     sys.stdout.write("\n".join(out) + "\n")
     return 0 if ok else 1
 
