@@ -180,6 +180,12 @@ def convert(out_dir: str | Path, *, gguf: str | Path | None = None, dtype: str =
     started = time.perf_counter()
     where = {"pretrained_model_name_or_path": str(source.parent), "gguf_file": source.name}
     tokenizer = AutoTokenizer.from_pretrained(**where)
+    special = _gguf_special_ids(source)
+    # transformers versions disagree on which special tokens they read from a GGUF (5.17 took id 1 for
+    # EOS, 5.19 id 2): the file's own metadata decides.
+    for role, token_id in special.items():
+        if getattr(tokenizer, f"{role}_token_id") != token_id:
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
     config = AutoConfig.from_pretrained(**where)
     with _quiet():
         loaded = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32)
@@ -197,9 +203,11 @@ def convert(out_dir: str | Path, *, gguf: str | Path | None = None, dtype: str =
     if missing or unexpected:
         raise RuntimeError(f"GGUF state dict does not fit LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
     model.to(getattr(torch, dtype))
-    model.generation_config.bos_token_id = generation.bos_token_id
-    model.generation_config.eos_token_id = generation.eos_token_id
-    model.generation_config.pad_token_id = generation.pad_token_id
+    for role in ("bos", "eos", "pad"):
+        value = special.get(role, getattr(generation, f"{role}_token_id"))
+        setattr(model.generation_config, f"{role}_token_id", value)
+        if role in special:
+            setattr(model.config, f"{role}_token_id", value)
 
     staging = _staging(folder)
     with _quiet():
@@ -208,6 +216,19 @@ def convert(out_dir: str | Path, *, gguf: str | Path | None = None, dtype: str =
     _publish(staging, folder, key, time.perf_counter() - started)
     log.info("%s: converted %s in %.1f s", folder, source.name, time.perf_counter() - started)
     return folder
+
+
+def _gguf_special_ids(source: Path) -> dict[str, int]:
+    """The special token ids the GGUF file itself declares: {"bos"|"eos"|"pad": id}."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(source)).fields
+    out = {}
+    for role, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id")):
+        field = fields.get(f"tokenizer.ggml.{key}")
+        if field is not None:
+            out[role] = int(field.contents())
+    return out
 
 
 class _quiet:
