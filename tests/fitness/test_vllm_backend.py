@@ -52,7 +52,8 @@ def models(tmp_path_factory):
     return {
         "a": a,
         "b": expert_of(a, root / "b", seed=1),
-        "tied": tiny_llama(root / "tied", seed=3, layers=2, hidden=128, tie=True),
+        # bfloat16 on disk: the float32 engine casts it, and so must the slots filled from it.
+        "tied": tiny_llama(root / "tied", seed=3, layers=2, hidden=128, tie=True, dtype=torch.bfloat16),
     }
 
 
@@ -142,6 +143,8 @@ def test_reserved_engine_kwargs_are_refused(models):
 
     with pytest.raises(ValueError, match="worker_extension_cls"):
         VLLMBackend(models["a"], worker_extension_cls="x.Y")
+    with pytest.raises(ValueError, match="shutdown_timeout"):
+        VLLMBackend(models["a"], shutdown_timeout=0)
 
 
 def test_tokenization_is_hf_backends(vb, hf_a):
@@ -247,8 +250,10 @@ def test_load_weights_in_place_equals_fresh_hf_model(on_a, hf_a, hf_b, models):
     assert before_text != want_text
     assert max_gap(before_ll, want_ll) > 1e-2
 
-    vb.load_weights(load_file(str(models["b"] / "model.safetensors")))
+    b = load_file(str(models["b"] / "model.safetensors"))
+    vb.load_weights(b)
 
+    assert vb.reloaded == len(b)  # every block holds a new tensor: all are reloaded
     assert vb.llm is engine and vb.worker_pids() == pids  # same engine, same worker processes
     assert vb.generate(gen) == want_text
     got_ll = vb.loglikelihood(LL_REQUESTS)
@@ -259,59 +264,70 @@ def test_load_weights_in_place_equals_fresh_hf_model(on_a, hf_a, hf_b, models):
     assert vb.generate(gen) == hf_a.generate(gen) == before_text
 
 
-def test_prefix_cache_never_serves_kv_of_old_weights(on_a, hf_b, models):
+def test_prefix_cache_never_serves_kv_of_old_weights(on_a, hf_b, models, monkeypatch):
     vb = on_a
     gen = [GenerateRequest(p, max_new_tokens=8) for p in LONG_PROMPTS]
     want = hf_b.generate(gen)
+    b = load_file(str(models["b"] / "model.safetensors"))
     vb.generate(gen)  # fills the prefix cache with model A's KV for the first block of each prompt
-    # Without the reset: the worker alone reloads B (vb's own bookkeeping is untouched). The cached
-    # blocks computed with A are reused and the answers are neither A's nor B's: the reset is needed.
-    sources = {name: str(models["b"] / "model.safetensors") for name in vb._sources}
-    assert vb.llm.collective_rpc("evomerge_reload_weights", args=(sources,)) == [len(sources)]
+    # Without the reset: the cached blocks computed with A are reused and the answers are neither A's
+    # nor B's, so the reset is needed.
+    with monkeypatch.context() as m:
+        m.setattr(vb.llm, "reset_prefix_cache", lambda *args, **kwargs: True)
+        vb.load_weights(b)
     stale = vb.generate(gen)
     assert stale != want, "vLLM no longer reuses cached KV after a reload; the reset may be redundant"
     # load_weights resets the prefix cache after every update.
+    vb.load_weights(load_file(str(models["a"] / "model.safetensors")))
     vb.generate(gen)
-    vb.load_weights(load_file(str(models["b"] / "model.safetensors")))
+    vb.load_weights(b)
     assert vb.generate(gen) == want
 
 
-def test_partial_updates_touch_only_the_given_tensors(on_a, models):
+def test_partial_updates_reload_only_the_blocks_given(on_a, models):
     vb = on_a
     ref = hf(models["a"])
     state = ref.model.state_dict()
+    per_layer = sum(name.startswith("model.layers.0.") for name in state)
     g = torch.Generator().manual_seed(0)
     # q_proj alone is one third of the fused qkv_proj, up_proj half of gate_up_proj: the rest of each
-    # fused weight must keep its values. float64 input is cast to the model's float32.
+    # fused weight must keep its values. Each update touches one block; the others must keep theirs
+    # (the first two updates leave the embeddings and the other layer to vLLM's fallback). Input
+    # dtypes float64 and bfloat16 are cast to the engine's float32 as HF casts them.
     q, up = "model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight"
-    first = {
-        q: torch.randn(state[q].shape, generator=g, dtype=torch.float64) * 0.2,
-        up: torch.randn(state[up].shape, generator=g) * 0.2,
-    }
-    second = {"model.norm.weight": torch.rand(state["model.norm.weight"].shape, generator=g) + 0.5}
+    updates = [
+        ({q: torch.randn(state[q].shape, generator=g, dtype=torch.float64) * 0.2}, per_layer),
+        ({up: (torch.randn(state[up].shape, generator=g) * 0.2).bfloat16()}, per_layer),
+        ({"model.norm.weight": torch.rand(state["model.norm.weight"].shape, generator=g) + 0.5}, 3),
+    ]
     gen = [GenerateRequest(p, max_new_tokens=6) for p in PROMPTS]
     before = vb.generate(gen)
-    for update in (first, second):  # the second update must keep the first
+    for update, reloaded in updates:  # each update must keep the ones before
         vb.load_weights(update)
         ref.load_weights(update)
-    assert ref.generate(gen) != before
-    assert vb.generate(gen) == ref.generate(gen)
-    assert_same_scores(vb.loglikelihood(LL_REQUESTS), ref.loglikelihood(LL_REQUESTS))
-    # Replaced tensors that nothing refers to any more are deleted from the scratch directory.
+        assert vb.reloaded == reloaded  # embed_tokens, norm and lm_head form the block of the last one
+        want = ref.generate(gen)
+        assert want != before
+        assert vb.generate(gen) == want
+        assert_same_scores(vb.loglikelihood(LL_REQUESTS), ref.loglikelihood(LL_REQUESTS))
+        before = want
+    # One shared file holds the weights, whatever the number of updates.
     vb.load_weights(load_file(str(models["a"] / "model.safetensors")))
-    assert len(list(vb._scratch.iterdir())) == 1
+    assert [p.name for p in vb._scratch.iterdir()] == ["weights.bin"]
 
 
-def test_load_weights_rejects_bad_input_before_touching_the_engine(vb, hf_a):
+def test_load_weights_rejects_bad_input_before_touching_the_engine(on_a, hf_a):
+    vb = on_a
     good = {"model.norm.weight": torch.zeros(128)}
-    scratch = sorted(vb._scratch.iterdir())
+    vb.load_weights({"model.norm.weight": hf_a.model.model.norm.weight})  # the shared file exists
+    written = vb._shared.data.clone()
     with pytest.raises(ValueError, match=r"model\.layers\.9\.mlp\.up_proj\.weight"):
         vb.load_weights({**good, "model.layers.9.mlp.up_proj.weight": torch.zeros(256, 128)})
     with pytest.raises(ValueError, match=r"model\.embed_tokens\.weight.*\(3, 128\)"):
         vb.load_weights({**good, "model.embed_tokens.weight": torch.zeros(3, 128)})
     with pytest.raises(TypeError, match="model.norm.weight"):
         vb.load_weights({"model.norm.weight": object()})
-    assert sorted(vb._scratch.iterdir()) == scratch
+    assert torch.equal(vb._shared.data, written)  # nothing was written for the workers
     gen = [GenerateRequest(p, max_new_tokens=6) for p in PROMPTS]
     assert vb.generate(gen) == hf_a.generate(gen)
 
@@ -319,31 +335,46 @@ def test_load_weights_rejects_bad_input_before_touching_the_engine(vb, hf_a):
 # -- a second engine: tied embeddings, close() -------------------------------------------------------------
 
 
-def test_tied_embeddings_and_close(vb, models):
+def test_tied_embeddings_bf16_checkpoint_and_close(vb, models):
     from evomerge.fitness.backends.vllm import VLLMBackend
 
-    ref = hf(models["tied"])
+    ref = hf(models["tied"])  # float32, as the engine
     emb = ref.model.get_input_embeddings().weight
     gen = [GenerateRequest(p, max_new_tokens=6) for p in PROMPTS]
-    tied = VLLMBackend(models["tied"], **ENGINE)  # a second engine beside the module's
+    tied = VLLMBackend(models["tied"], shutdown_timeout=30, **ENGINE)  # a second engine beside the module's
     try:
+        assert tied.dtype == torch.float32
         assert tied.generate(gen) == ref.generate(gen)
         g = torch.Generator().manual_seed(1)
         # vLLM's Llama skips "lm_head.weight" for tied checkpoints: the backend must route it to the
-        # embedding, as HF does (either name works).
+        # embedding, as HF does (either name works). The first update fills the rest of its block
+        # (model.norm.weight) from the bfloat16 checkpoint, cast to float32.
         for name in ("lm_head.weight", "model.embed_tokens.weight"):
             new = {name: torch.randn(emb.shape, generator=g) * 0.5}
             tied.load_weights(new)
             ref.load_weights(new)
+            assert tied.reloaded == 2  # embed_tokens and norm: lm_head is not stored
             assert tied.generate(gen) == ref.generate(gen)
             assert_same_scores(tied.loglikelihood(LL_REQUESTS), ref.loglikelihood(LL_REQUESTS))
+        assert tied._shared.view("model.norm.weight").dtype == torch.float32
+        assert torch.equal(tied._shared.view("model.norm.weight"), ref.model.model.norm.weight)
         same = torch.randn(emb.shape, generator=g)
         with pytest.raises(ValueError, match="lm_head.weight"):
             tied.load_weights({"model.embed_tokens.weight": same, "lm_head.weight": same + 1})
         pids = tied.worker_pids()
+        shutdown = tied.llm.llm_engine.engine_core.shutdown
+        timeouts = []
+
+        def recorded(*args, timeout=None, **kwargs):
+            timeouts.append(timeout)
+            return shutdown(*args, timeout=timeout, **kwargs)
+
+        tied.llm.llm_engine.engine_core.shutdown = recorded
     finally:
         tied.close()
+    assert timeouts == [30.0]  # the engine core was given shutdown_timeout, not vLLM's 5 s
     assert pids and not any(alive(pid) for pid in pids)  # the worker processes are gone
+    assert not tied._scratch.exists()
     with pytest.raises(RuntimeError, match="closed"):
         tied.generate(gen)
     tied.close()  # closing twice is harmless

@@ -138,6 +138,9 @@ class HFBackend:
         self.model.to(self.device)
         self.model.eval()
         self.dtype = self.model.dtype
+        # Name -> the live Parameter / buffer (tied names share one object). load_weights copies into
+        # these in place, so the table stays valid for the backend's life.
+        self._tensors = self.model.state_dict(keep_vars=True)
 
         tok = self.tokenizer
         tok.padding_side = "left"
@@ -285,7 +288,7 @@ class HFBackend:
         copied, so a bad mapping leaves the model untouched. Unknown names and shape mismatches raise
         ValueError naming the tensor. The model is never reloaded.
         """
-        state = self.model.state_dict(keep_vars=True)
+        state = self._tensors
         plan: dict[int, tuple[str, torch.Tensor, torch.Tensor]] = {}
         for name, value in tensors.items():
             if name not in state:

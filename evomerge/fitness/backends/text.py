@@ -39,5 +39,7 @@ class PairEncoder:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         keep = max_length - max_new_tokens
         if keep < 1:
-            raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for the prompt within max_length {max_length}")
+            raise ValueError(
+                f"max_new_tokens {max_new_tokens} leaves no room for the prompt within max_length {max_length}"
+            )
         return self.context(text)[-keep:]

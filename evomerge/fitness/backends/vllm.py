@@ -22,12 +22,15 @@ on the same checkpoint. vLLM is imported in ``__init__``: importing this module 
   contexts lose two more tokens on the left than with HF, and a continuation must fit in
   ``max_length - 2`` tokens. A tie for the top log-prob counts as greedy here (vLLM's rank counts
   strictly greater log-probs), while HF's argmax picks the lowest id.
-- load_weights: the new tensors are written to a safetensors file in a scratch directory and the worker
-  extension (``vllm_worker.WeightUpdater``) is sent a map from every checkpoint tensor name to the file
-  holding its current value (the original checkpoint's shards for names never replaced). Each worker
-  memory-maps those files and reloads the whole model in place through vLLM's
-  ``Worker.reload_weights`` (layerwise reload: fused qkv / gate_up layouts and CPU weight packing are
-  handled by vLLM). Then the prefix cache is reset, so no KV computed with old weights is reused.
+- load_weights: the model's checkpoint tensors live in one shared-memory file in the scratch directory
+  (filled from the checkpoint on the first update, floating-point tensors in the engine's dtype). An
+  update copies the new tensors into their slots (one cast-and-copy, no new file, no serialization)
+  and sends the worker extension (``vllm_worker.WeightUpdater``) the names, offsets and shapes of every
+  tensor in the numbered blocks (``model.layers.<i>``; plus one group for everything outside them)
+  that hold a new tensor. Each worker keeps the file memory-mapped and reloads those blocks in place
+  through vLLM's ``Worker.reload_weights`` (layerwise reload: fused qkv / gate_up layouts and CPU
+  weight packing are handled by vLLM; layers of other blocks keep their tensors). Then the prefix
+  cache is reset, so no KV computed with old weights is reused.
 
 Scripts that create a ``VLLMBackend`` need an ``if __name__ == "__main__":`` guard: vLLM starts its
 engine core and workers in child processes. Call ``close()`` (or use ``with``) to stop them before
@@ -36,8 +39,6 @@ starting another engine in the same process.
 
 from __future__ import annotations
 
-import itertools
-import json
 import os
 import shutil
 import tempfile
@@ -46,27 +47,14 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.fitness.backends.text import PairEncoder, cut_at_stop
+from evomerge.fitness.backends.vllm_weights import SharedWeights, checkpoint_tensors
+from evomerge.fitness.backends.vllm_worker import block_of
 from evomerge.fitness.requests import GenerateRequest, Loglikelihood, LoglikelihoodRequest
 
 WORKER_EXTENSION = "evomerge.fitness.backends.vllm_worker.WeightUpdater"
 
 # Set by the backend itself (trust_remote_code is a named argument): not accepted in engine_kwargs.
 _RESERVED = ("model", "tokenizer", "skip_tokenizer_init", "worker_extension_cls", "trust_remote_code")
-
-
-def _checkpoint_sources(model_path: Path) -> dict[str, str]:
-    """Checkpoint tensor name -> the safetensors file holding it (empty when there is none)."""
-    index = model_path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: str(model_path / file) for name, file in weight_map.items()}
-    from safetensors import safe_open
-
-    sources: dict[str, str] = {}
-    for file in sorted(model_path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            sources.update(dict.fromkeys(f.keys(), str(file)))
-    return sources
 
 
 class VLLMBackend:
@@ -77,9 +65,15 @@ class VLLMBackend:
     ``gpu_memory_utilization=0.2`` (the fraction of host memory reserved for the KV cache; vLLM's 0.92
     fails to start) and ``enforce_eager=True``; elsewhere they are vLLM's own (checkpoint dtype, 0.92,
     CUDA graphs). ``max_model_len`` (tokens) defaults to the model's limit and is ``max_length``.
-    ``scratch_dir`` holds the replaced tensors between ``load_weights`` calls (by default a temporary
-    directory in /dev/shm when writable, else in the system's temp dir: it needs room for one copy of
-    the model). Other keyword arguments go to ``vllm.LLM``.
+    ``scratch_dir`` holds the shared copy of the weights that ``load_weights`` writes and the workers
+    read (by default a temporary directory in /dev/shm when writable, else in the system's temp dir:
+    it needs room for one copy of the model in the engine's dtype, taken on the first update).
+    ``shutdown_timeout`` (seconds) is how long ``close()`` lets the engine's processes exit before
+    they are killed (vLLM's default, 5 s, is too short on a loaded machine: a killed engine core
+    leaks its shared-memory queues). Other keyword arguments go to ``vllm.LLM``.
+
+    ``reloaded`` is the number of checkpoint tensors the workers reloaded in the last
+    ``load_weights`` (every tensor of each block holding a given tensor).
     """
 
     name = "vllm"
@@ -94,6 +88,7 @@ class VLLMBackend:
         enforce_eager: bool | None = None,
         seed: int = 0,
         scratch_dir: str | Path | None = None,
+        shutdown_timeout: float = 60.0,
         trust_remote_code: bool = False,
         **engine_kwargs: Any,
     ):
@@ -104,6 +99,9 @@ class VLLMBackend:
             )
         if max_model_len is not None and max_model_len < 3:
             raise ValueError(f"max_model_len must be >= 3, got {max_model_len}")
+        if not shutdown_timeout > 0:
+            raise ValueError(f"shutdown_timeout must be > 0 seconds, got {shutdown_timeout}")
+        self.shutdown_timeout = float(shutdown_timeout)
         self.model_path = Path(model_path)
         if not self.model_path.is_dir():
             raise ValueError(f"model_path {str(self.model_path)!r} is not a local checkpoint directory")
@@ -132,10 +130,22 @@ class VLLMBackend:
         self.eos_ids = self._eos_ids()
         start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        self.encoder = PairEncoder(self.tokenizer, [start if start is not None else (pad if pad is not None else 0)])
+        self.encoder = PairEncoder(
+            self.tokenizer, [start if start is not None else (pad if pad is not None else 0)]
+        )
         self._hf_params = self._hf_parameter_table()
-        self._sources = _checkpoint_sources(self.model_path)
-        self._updates = itertools.count()
+        self._checkpoint = checkpoint_tensors(self.model_path)
+        # The checkpoint names each tie group is stored under (a tied pair is usually stored once).
+        self._stored: dict[int, list[str]] = {}
+        for name, (_, group) in self._hf_params.items():
+            if name in self._checkpoint:
+                self._stored.setdefault(group, []).append(name)
+        self._blocks: dict[str, list[str]] = {}
+        for name in sorted(self._checkpoint):
+            self._blocks.setdefault(block_of(name), []).append(name)
+        self._shared: SharedWeights | None = None
+        self._in_sync = True  # False after a failed reload: the next update reloads every block
+        self.reloaded = 0
 
         self.llm = vllm.LLM(
             model=str(self.model_path),
@@ -153,6 +163,8 @@ class VLLMBackend:
         model_config = self.llm.llm_engine.model_config
         self.max_length: int = model_config.max_model_len
         self.dtype = model_config.dtype  # a torch.dtype
+        # Quantized checkpoints keep their tensors' own dtypes (weights, scales); others take the engine's.
+        self._slot_dtype = self.dtype if model_config.quantization is None else None
 
     def _eos_ids(self) -> list[int]:
         """The EOS ids HF's ``generate`` stops at: the generation config's, else the tokenizer's."""
@@ -296,17 +308,17 @@ class VLLMBackend:
     def load_weights(self, tensors: Mapping[str, object]) -> None:
         """Replace ``tensors`` (HF state-dict names) in the live engine, in place; the engine is kept.
 
-        Only the names given change. Tensors are cast to the engine's dtype. For tied weights (e.g.
-        ``lm_head.weight`` sharing ``model.embed_tokens.weight``) either name works; giving both with
-        different values is an error. Every name and shape is checked before anything is written, so a
-        bad mapping leaves the engine untouched. Unknown names and shape mismatches raise ValueError
-        naming the tensor.
+        Only the names given change, and only the blocks holding them are reloaded: give just the
+        tensors that changed. Floating-point tensors are cast to the engine's dtype. For tied weights
+        (e.g. ``lm_head.weight`` sharing ``model.embed_tokens.weight``) either name works; giving both
+        with different values is an error. Every name and shape is checked before anything is written,
+        so a bad mapping leaves the engine untouched. Unknown names, names the checkpoint does not
+        store and shape mismatches raise ValueError naming the tensor.
         """
         import torch
-        from safetensors.torch import save_file
 
         llm = self._engine()
-        if not self._sources:
+        if not self._checkpoint:
             raise ValueError(
                 f"in-place weight updates need a safetensors checkpoint; {self.model_path} has none"
             )
@@ -315,6 +327,8 @@ class VLLMBackend:
             if name not in self._hf_params:
                 raise ValueError(f"unknown tensor name {name!r} for {self.model_path}")
             shape, group = self._hf_params[name]
+            if group not in self._stored:
+                raise ValueError(f"tensor {name!r} is not stored in the checkpoint: vLLM cannot load it")
             if not isinstance(value, torch.Tensor):
                 try:
                     value = torch.as_tensor(value)
@@ -322,43 +336,35 @@ class VLLMBackend:
                     raise TypeError(f"tensor {name!r} is a {type(value).__name__}, not a tensor") from err
             if tuple(value.shape) != shape:
                 raise ValueError(f"tensor {name!r} has shape {tuple(value.shape)}, the model expects {shape}")
-            # Kept in its own dtype: the workers' loader casts to the engine's, and a cast here would
-            # allocate (and write) a second copy of the model for nothing.
-            value = value.detach().to("cpu")
+            value = value.detach()
             if group in by_group:
                 other, previous = by_group[group]
-                if not torch.equal(previous.to(value.dtype), value):
+                if not torch.equal(previous.to(value.device, value.dtype), value):
                     raise ValueError(f"tied tensors {other!r} and {name!r} were given different values")
                 continue
             by_group[group] = (name, value)
+        self.reloaded = 0
         if not by_group:
             return
-        # The checkpoint names each group is stored under (a tied pair is usually stored once).
-        stored: dict[int, list[str]] = {}
-        for name, (_, group) in self._hf_params.items():
-            if name in self._sources:
-                stored.setdefault(group, []).append(name)
-        payload = {}
-        for group, (name, value) in by_group.items():
-            value = value.contiguous()
-            for i, stored_name in enumerate(stored.get(group, [name])):
-                # safetensors refuses one storage under two names: copy only for the second name on
-                payload[stored_name] = value if i == 0 else value.clone()
-        path = self._scratch / f"update-{next(self._updates)}.safetensors"
-        save_file(payload, str(path))
-        sources = {**self._sources, **dict.fromkeys(payload, str(path))}
-        try:
-            counts = llm.collective_rpc("evomerge_reload_weights", args=(sources,))
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
-        if any(c != len(sources) for c in counts):
-            raise RuntimeError(f"workers loaded {counts} tensors, expected {len(sources)} each")
-        self._sources = sources
-        live = set(sources.values())
-        for old in self._scratch.glob("update-*.safetensors"):
-            if str(old) not in live:
-                old.unlink()
+        if self._shared is None:
+            path = self._scratch / "weights.bin"
+            self._shared = SharedWeights(path, self._checkpoint, self._slot_dtype)
+        shared = self._shared
+        blocks = set(self._blocks) if not self._in_sync else set()
+        self._in_sync = False  # until the workers have loaded every slot written from here on
+        for group, (_, value) in by_group.items():
+            for stored_name in self._stored[group]:
+                shared.write(stored_name, value)
+                blocks.add(block_of(stored_name))
+        names = [name for block in sorted(blocks) for name in self._blocks[block]]
+        shared.fill(names)  # the rest of each block, from the checkpoint the first time
+        counts = llm.collective_rpc(
+            "evomerge_reload_shared", args=(shared.path, shared.size, {n: shared.slots[n] for n in names})
+        )
+        if any(c != len(names) for c in counts):
+            raise RuntimeError(f"workers loaded {counts} tensors, expected {len(names)} each")
+        self._in_sync = True
+        self.reloaded = len(names)
         if not llm.reset_prefix_cache():
             raise RuntimeError("vLLM could not reset its prefix cache: KV from the old weights may be reused")
 
@@ -369,11 +375,15 @@ class VLLMBackend:
         return list(self._engine().collective_rpc("evomerge_worker_pid"))
 
     def close(self) -> None:
-        """Stop the engine's processes and free its memory; the backend cannot be used afterwards."""
+        """Stop the engine's processes and free its memory; the backend cannot be used afterwards.
+
+        The engine gets ``shutdown_timeout`` seconds to exit cleanly before its processes are killed.
+        """
         llm = getattr(self, "llm", None)
         self.llm = None
+        self._shared = None
         if llm is not None:
-            llm.llm_engine.engine_core.shutdown()
+            llm.llm_engine.engine_core.shutdown(timeout=self.shutdown_timeout)
             del llm
             import gc
 

@@ -2,68 +2,124 @@
 
 ``VLLMBackend`` passes ``worker_extension_cls="evomerge.fitness.backends.vllm_worker.WeightUpdater"``
 to ``vllm.LLM``; vLLM then adds this class to its worker's bases (so method names must not clash with
-the worker's own: they carry an ``evomerge_`` prefix). Only small messages cross the RPC: file paths
-and tensor names, never tensors (the RPC serializer turns tensors into lists).
+the worker's own: they carry an ``evomerge_`` prefix). Only small messages cross the RPC: a file path,
+tensor names, offsets and shapes, never tensors (the RPC serializer turns tensors into lists). The
+tensors themselves lie in a shared-memory file that the driver writes and every worker maps once.
 
 This module is imported inside vLLM's worker processes; it imports nothing heavy at module level.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+
+# vLLM's loggers (``vllm.logger.init_logger(__name__)``) for the layerwise reload and its driver.
+_RELOAD_LOGGERS = (
+    "vllm.model_executor.model_loader.reload.layerwise",
+    "vllm.model_executor.model_loader.reload.inplace",
+)
+# Their warnings about layers and weights a reload did not receive: expected when only some blocks
+# are reloaded (vLLM then keeps those layers' current tensors), and noise for the rotary embedding
+# and a tied LM head on every full reload.
+_EXPECTED_WARNINGS = ("%s: Failed to load weights", "Following weights were not loaded from checkpoint")
 
 
-def _stream(sources: Mapping[str, str]) -> Iterator[tuple[str, object]]:
-    """(name, tensor) pairs read from memory-mapped safetensors files, one file at a time, in name order.
+def block_of(name: str) -> str:
+    """The numbered block a checkpoint tensor belongs to (``model.layers.12.mlp.up_proj.weight`` ->
+    ``model.layers.12``), or "" for tensors outside numbered blocks (embeddings, final norm, LM head).
 
-    Name order keeps a layer's tensors together, so vLLM's layerwise reload processes each layer as
-    soon as it is complete instead of buffering several.
+    vLLM fuses tensors of one module (q/k/v into ``qkv_proj``, gate/up into ``gate_up_proj``, a
+    layer's experts into one MoE weight), and such a module never spans two blocks: a reload that
+    sends every tensor of a block always completes every layer it touches.
     """
-    from safetensors import safe_open
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return ""
 
-    by_file: dict[str, list[str]] = {}
-    for name, path in sources.items():
-        by_file.setdefault(path, []).append(name)
-    for path, names in by_file.items():
-        with safe_open(path, framework="pt", device="cpu") as f:
-            for name in sorted(names):
-                yield name, f.get_tensor(name)
+
+class _DropExpected(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith(_EXPECTED_WARNINGS))
+
+
+@contextlib.contextmanager
+def _quiet_reload() -> Iterator[None]:
+    drop = _DropExpected()
+    loggers = [logging.getLogger(name) for name in _RELOAD_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(drop)
 
 
 class WeightUpdater:
     """In-place weight replacement for a live vLLM engine (a worker extension: ``self`` is the worker)."""
 
-    def evomerge_reload_weights(self, sources: dict[str, str]) -> int:
-        """Load every tensor in ``sources`` (HF checkpoint name -> safetensors file) into the model.
+    def evomerge_reload_shared(self, path: str, size: int, tensors: Mapping[str, Sequence]) -> int:
+        """Load ``tensors`` from the shared-memory file ``path`` (``size`` bytes) into the model.
+
+        ``tensors`` maps HF checkpoint names to ``(byte offset, dtype name, shape)`` in that file. The
+        file is memory-mapped (``MAP_SHARED``) on first use and the mapping kept, so later updates
+        read the driver's writes without new page faults; the views are read, never kept.
 
         Uses the worker's ``reload_weights(weights_iterator=..., is_checkpoint_format=True)``: vLLM
         restores each layer to checkpoint layout, lets the model's own ``load_weights`` map HF names
         onto fused parameters (qkv_proj, gate_up_proj), re-runs ``process_weights_after_loading`` (on
         CPU this repacks the oneDNN GEMM weights; writing into ``layer.weight`` directly would not
-        reach them) and copies the result into the original tensors (CUDA graphs stay valid).
+        reach them) and copies the result into the original tensors (CUDA graphs stay valid). Layers
+        that receive no tensor keep their current ones (vLLM places them back unchanged).
 
-        A layer must receive all of its checkpoint tensors: a layer given only some of them would be
-        rebuilt with the missing parts uninitialised. ``VLLMBackend`` therefore always sends the full
-        checkpoint (the new tensors plus the current source of every other one). Returns the number of
-        tensors read.
+        A layer must receive all of its checkpoint tensors: one given only some of them would be
+        rebuilt with the missing parts uninitialised. ``VLLMBackend`` therefore sends whole blocks
+        (``block_of``). Returns the number of tensors read.
 
         Tied weights: vLLM's Llama ties ``lm_head`` to ``embed_tokens`` by sharing the Parameter and
         skips ``lm_head.weight`` when loading, so the reload refreshes only the embedding layer; the
         shared storage gets the new values, but on CPU the LM head's GEMM runs on a copy packed at
-        start-up. ``_repack_shared_embeddings`` rebuilds it.
+        start-up. ``_evomerge_repack_shared_embeddings`` rebuilds it whenever tensors outside the
+        numbered blocks were loaded.
         """
+        import torch
+
+        data = self._evomerge_map(path, size)
         count = 0
 
-        def counted() -> Iterator[tuple[str, object]]:
+        def views() -> Iterator[tuple[str, torch.Tensor]]:
             nonlocal count
-            for item in _stream(sources):
+            # Name order keeps a layer's tensors together, so vLLM's layerwise reload processes each
+            # layer as soon as it is complete instead of buffering several.
+            for name in sorted(tensors):
+                offset, dtype, shape = tensors[name]
+                dt = getattr(torch, dtype)
+                nbytes = dt.itemsize
+                for dim in shape:
+                    nbytes *= dim
                 count += 1
-                yield item
+                yield name, data[offset : offset + nbytes].view(dt).view(tuple(shape))
 
-        self.reload_weights(weights_iterator=counted(), is_checkpoint_format=True)
-        self._evomerge_repack_shared_embeddings()
+        with _quiet_reload():
+            self.reload_weights(weights_iterator=views(), is_checkpoint_format=True)
+        if any(block_of(name) == "" for name in tensors):
+            self._evomerge_repack_shared_embeddings()
         return count
+
+    def _evomerge_map(self, path: str, size: int):
+        """The worker's uint8 view of the shared file, mapped once per (path, size)."""
+        import torch
+
+        mapped = getattr(self, "_evomerge_mapped", None)
+        if mapped is None or mapped[0] != (path, size):
+            mapped = ((path, size), torch.from_file(path, shared=True, size=size, dtype=torch.uint8))
+            self._evomerge_mapped = mapped
+        return mapped[1]
 
     def _evomerge_repack_shared_embeddings(self) -> None:
         """Re-run weight processing for embedding / LM-head layers whose weight another module shares.
