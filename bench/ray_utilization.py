@@ -1,8 +1,10 @@
 """Worker utilization and per-candidate overhead of the Ray evaluation pool, measured in one run.
 
     python bench/ray_utilization.py [--zoo DIR] [--workers 2] [--budget 40] [--delay 1.0]
+                                    [--rows all|overhead]
 
-On a local Ray cluster, evaluator actors score tiny-zoo merges. To make evaluation times heterogeneous
+On a local Ray cluster, evaluator actors score tiny-zoo merges (``--zoo`` may also name the SmolLM2 zoo
+that ``evomerge zoo smollm2 DIR --experts`` builds: base, experts, tasks). To make evaluation times heterogeneous
 (as they are between short and long answers, or models of different depth), each candidate also sleeps
 U(0, delay) seconds inside the actor, drawn from its recipe hash. For M2N2 (steady state) and CMA-ES
 (popsize a multiple of the worker count) the same search runs twice: with the asynchronous loop, and
@@ -13,7 +15,9 @@ Utilization = sum of the actors' busy time (materialize + evaluate, as each acto
 (workers x wall time from the first dispatch to the last result). Overhead per candidate = (driver
 round trip - actor busy time) + materialization, as a share of the evaluation time, measured without the
 artificial delay (on the tiny zoo one evaluation takes a fraction of a second, so fixed costs weigh more
-than they would on a real model).
+than they would on a real model). Also printed: everything but scoring, (driver round trip - evaluation)
+/ evaluation, which counts what the actor does outside both timed phases as well. ``--rows overhead``
+runs only that last measurement.
 """
 
 from __future__ import annotations
@@ -36,11 +40,13 @@ class SlowActor(_Actor):
 
     delay = 1.0
 
-    def evaluate(self, recipe_json, lineage):
+    def evaluate(self, recipe, lineage):
         start = time.perf_counter()
-        out = super().evaluate(recipe_json, lineage)
-        u = int.from_bytes(hashlib.sha256(repr(sorted(recipe_json.items())).encode()).digest()[:4], "little")
-        time.sleep(self.delay * u / 2**32)
+        out = super().evaluate(recipe, lineage)
+        if self.delay:
+            fields = recipe.model_dump(mode="json", exclude_defaults=True)
+            u = int.from_bytes(hashlib.sha256(repr(sorted(fields.items())).encode()).digest()[:4], "little")
+            time.sleep(self.delay * u / 2**32)
         out.timings["actor_total"] = time.perf_counter() - start
         return out
 
@@ -115,6 +121,23 @@ def measure(zoo, root, name, optimizer, budget, workers, delay, barrier):
     return util, wall, sum(over) / len(over), results
 
 
+def load_zoo(path):
+    """The tiny zoo at ``path`` (built there if missing), or a SmolLM2 zoo already built there."""
+    from evomerge.zoo.build import ZooPaths, build_zoo
+
+    root = Path(path).resolve()  # the search config reads model paths against /
+    if (root / "base" / "evomerge-source.json").is_file():  # the SmolLM2 zoo (evomerge.zoo.smollm2)
+        experts = {s: root / "experts" / s for s in SKILLS}
+        tasks = {s: root / "tasks" / f"{s}.yaml" for s in SKILLS}
+        missing = [str(p) for p in (*experts.values(), *tasks.values()) if not p.exists()]
+        if missing:
+            raise SystemExit(f"{root}: no experts or tasks ({', '.join(missing)}); build them with "
+                             "`evomerge zoo smollm2 DIR --experts`")
+        return ZooPaths(root=root, base=root / "base", experts=experts, tasks=tasks,
+                        manifest=root / "manifest.json")
+    return build_zoo(root)
+
+
 def _results(run_dir):
     from evomerge.search.journal import Journal
 
@@ -127,24 +150,29 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--budget", type=int, default=40)
     parser.add_argument("--delay", type=float, default=1.0)
+    parser.add_argument("--rows", choices=("all", "overhead"), default="all")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import ray
 
-    from evomerge.zoo.build import build_zoo
+    from evomerge.checkpoint.reader import Checkpoint
 
-    zoo = build_zoo(args.zoo)
+    zoo = load_zoo(args.zoo)
+    with Checkpoint(zoo.base) as ck:
+        size = f"{ck.num_layers} layers, hidden {ck.config.get('hidden_size')}, {ck.nbytes / 2**20:.1f} MiB"
     ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
     root = Path(tempfile.mkdtemp(prefix="bench-ray-"))
     w = args.workers
-    print(f"local Ray, {w} evaluator actors, {os.cpu_count()} CPUs; tiny zoo; {args.budget} evaluations per row; "
+    print(f"local Ray, {w} evaluator actors, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
+          f"zoo {zoo.root} ({size}); {args.budget} evaluations per row; "
           f"extra delay U(0, {args.delay}) s per candidate\n")
-    print(f"{'search':36s} {'loop':9s} {'utilization':>11s} {'wall s':>7s}")
     rows = [("M2N2 (steady state)", {"name": "m2n2", "settings": {"archive_size": 8}}),
             (f"CMA-ES (popsize {2 * w})", {"name": "cmaes", "settings": {"popsize": 2 * w}})]
     try:
-        for label, opt in rows:
+        if args.rows == "all":
+            print(f"{'search':36s} {'loop':9s} {'utilization':>11s} {'wall s':>7s}")
+        for label, opt in rows if args.rows == "all" else []:
             for barrier in (False, True):
                 name = f"{opt['name']}-{'barrier' if barrier else 'async'}"
                 util, wall, _, _ = measure(zoo, root, name, opt, args.budget, w, args.delay, barrier)
@@ -153,9 +181,13 @@ def main() -> int:
         ev = sum(r.timings["evaluate"] for r in results) / len(results)
         mat = sum(r.timings["materialize"] for r in results) / len(results)
         disp = sum(r.timings["dispatch"] for r in results) / len(results)
-        print(f"\nper candidate, no extra delay (M2N2, {len(results)} candidates): evaluate {ev * 1000:.0f} ms, "
-              f"materialize {mat * 1000:.0f} ms, dispatch {disp * 1000:.1f} ms")
-        print(f"overhead (dispatch + materialize) / evaluate: {over:.1%}; dispatch alone: {disp / ev:.1%}")
+        rest = sum(r.timings["roundtrip"] - r.timings["evaluate"] for r in results) / len(results)
+        print(f"\nper candidate, no extra delay (M2N2, {len(results)} candidates): "
+              f"evaluate {ev * 1000:.0f} ms, "
+              f"materialize {mat * 1000:.1f} ms, dispatch {disp * 1000:.1f} ms")
+        print(f"overhead (dispatch + materialize) / evaluate: {over:.1%}; dispatch alone: {disp / ev:.1%}; "
+              f"everything but scoring (round trip - evaluate): {rest * 1000:.1f} ms, {rest / ev:.1%}")
+        print(f"load average now {os.getloadavg()[0]:.2f}")
     finally:
         ray.shutdown()
         shutil.rmtree(root, ignore_errors=True)

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 from pydantic import ValidationError
 
-from evomerge.checkpoint.naming import is_vocab_tensor, parse, with_layer
-from evomerge.checkpoint.reader import Checkpoint
+from evomerge.checkpoint import naming
+from evomerge.checkpoint.naming import is_vocab_tensor
+from evomerge.checkpoint.reader import Checkpoint, CheckpointCache
 from evomerge.checkpoint.writer import TensorSpec
 from evomerge.errors import CheckpointError, RecipeError
 from evomerge.kernels.params import MethodParams
@@ -26,6 +28,10 @@ from evomerge.recipe.values import Where, resolve
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _TIED = ("model.embed_tokens.weight", "transformer.wte.weight")
+# Pure functions of a tensor name, called for every tensor of every plan: an evaluator plans the same
+# names for every candidate.
+parse = lru_cache(maxsize=1 << 16)(naming.parse)
+with_layer = lru_cache(maxsize=1 << 16)(naming.with_layer)
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,7 @@ class MergePlan:
     layer_origin: list[int] | None
     out_dtype: torch.dtype
     notes: list[str] = field(default_factory=list)
+    owns_checkpoints: bool = True  # False: they belong to a CheckpointCache, which closes them
 
     @property
     def input_bytes(self) -> int:
@@ -74,8 +81,9 @@ class MergePlan:
         return m.end - m.start if m.end else 0
 
     def close(self) -> None:
-        for c in self.checkpoints:
-            c.close()
+        if self.owns_checkpoints:
+            for c in self.checkpoints:
+                c.close()
 
 
 @dataclass(frozen=True)
@@ -101,20 +109,30 @@ def _input_name(ckpt: Checkpoint, name: str) -> str | None:
     return None
 
 
-def build_plan(recipe: Recipe, root: Path, *, seed: int | None = None, allow_pickle: bool = False) -> MergePlan:
-    """Check everything and resolve every tensor's job. Raises RecipeError / CheckpointError."""
+def build_plan(recipe: Recipe, root: Path, *, seed: int | None = None, allow_pickle: bool = False,
+               checkpoints: CheckpointCache | None = None) -> MergePlan:
+    """Check everything and resolve every tensor's job. Raises RecipeError / CheckpointError.
+
+    ``checkpoints``: open the models through this cache (kept open after the plan is closed) instead of
+    opening and closing them for this plan alone.
+    """
     method = get_method(recipe.method)
     mk = recipe.semantics == "mergekit"
     names = recipe.models()
     ckpts: list[Checkpoint] = []
     try:
         for n in names:
-            ckpts.append(Checkpoint(_resolve_path(n, root), allow_pickle=allow_pickle))
-        return _plan(recipe, method, names, ckpts, mk, recipe.seed if seed is None else seed)
+            path = _resolve_path(n, root)
+            ckpts.append(checkpoints.open(path, allow_pickle=allow_pickle) if checkpoints is not None
+                         else Checkpoint(path, allow_pickle=allow_pickle))
+        plan = _plan(recipe, method, names, ckpts, mk, recipe.seed if seed is None else seed)
     except BaseException:
-        for c in ckpts:
-            c.close()
+        if checkpoints is None:
+            for c in ckpts:
+                c.close()
         raise
+    plan.owns_checkpoints = checkpoints is None
+    return plan
 
 
 def _plan(recipe, method, names, ckpts, mk, seed) -> MergePlan:

@@ -3,13 +3,20 @@
 ``get`` reads one tensor's bytes with pread straight into a new tensor: no whole-file load and no
 mapped pages counted against the process, so a merge never holds whole models in memory. Pickle ``.bin`` weights are refused unless
 ``allow_pickle=True`` (then ``weights_only=True``).
+
+A process that merges from the same sources again and again (an evaluator) opens them through a
+``CheckpointCache``: headers are parsed once, weight files are memory-mapped once (``mapped=True``: ``get``
+copies out of the page cache without a system call per tensor), and a checkpoint whose files changed on
+disk is opened afresh on its next use.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,8 +71,12 @@ def read_safetensors_header(path: Path) -> dict[str, TensorMeta]:
 class Checkpoint:
     """An HF checkpoint directory: config, tokenizer files and lazily read tensors."""
 
-    def __init__(self, path: str | os.PathLike, *, allow_pickle: bool = False):
+    def __init__(self, path: str | os.PathLike, *, allow_pickle: bool = False, mapped: bool = False):
         self.path = Path(path)
+        self.mapped = mapped
+        # (size, mtime, inode) of the directory and of every file read, taken before reading it: a change
+        # from then on makes ``unchanged`` false
+        self._stamps: dict[Path, tuple[int, int, int] | None] = {self.path: _stamp(self.path)}
         if not self.path.exists():
             raise CheckpointError(f"checkpoint '{self.path}' does not exist")
         if not self.path.is_dir():
@@ -73,35 +84,43 @@ class Checkpoint:
         cfg = self.path / "config.json"
         if not cfg.is_file():
             raise CheckpointError(f"checkpoint '{self.path}' has no config.json")
+        self._stamps[cfg] = _stamp(cfg)
         try:
             self.config: dict = json.loads(cfg.read_text())
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{cfg}: invalid JSON: {e}") from e
         self._fds: dict[Path, int] = {}
+        self._maps: dict[Path, torch.Tensor] = {}  # weight file -> its bytes, memory-mapped (mapped=True)
+        self._views: dict[str, torch.Tensor | None] = {}  # name -> its bytes in _maps; None: pread it
         self._pickled: dict[Path, dict] = {}
         self._meta = self._index(allow_pickle)
 
     # ------------------------------------------------------------------ discovery
+    def _header(self, file: Path) -> dict[str, TensorMeta]:
+        self._stamps[file] = _stamp(file)
+        return read_safetensors_header(file)
+
     def _index(self, allow_pickle: bool) -> dict[str, TensorMeta]:
         p = self.path
         index = p / "model.safetensors.index.json"
         if index.is_file():
+            self._stamps[index] = _stamp(index)
             files = sorted(set(self._weight_map(index).values()))
             meta: dict[str, TensorMeta] = {}
             for fname in files:
                 shard = p / fname
                 if not shard.is_file():
                     raise CheckpointError(f"{index} names shard '{fname}', which is missing")
-                meta.update(read_safetensors_header(shard))
+                meta.update(self._header(shard))
             return meta
         single = p / "model.safetensors"
         if single.is_file():
-            return read_safetensors_header(single)
+            return self._header(single)
         others = sorted(p.glob("*.safetensors"))
         if others:
             meta = {}
             for shard in others:
-                meta.update(read_safetensors_header(shard))
+                meta.update(self._header(shard))
             return meta
         bins = sorted(p.glob("pytorch_model*.bin"))
         if bins:
@@ -111,6 +130,7 @@ class Checkpoint:
                     "refused. Convert it to safetensors, or pass --allow-pickle to load it with weights_only=True")
             meta = {}
             for b in bins:
+                self._stamps[b] = _stamp(b)
                 try:
                     sd = torch.load(b, map_location="cpu", weights_only=True, mmap=True)
                 except Exception as e:  # noqa: BLE001 - torch raises many types here
@@ -158,6 +178,12 @@ class Checkpoint:
     def nbytes(self) -> int:
         return sum((m.end - m.start) for m in self._meta.values())
 
+    def unchanged(self) -> bool:
+        """Whether the directory, config and every file read at opening still look as they did then
+        (size, modification time, inode; the directory's own entry catches files added, removed or
+        renamed into place)."""
+        return all(_stamp(f) == st for f, st in self._stamps.items())
+
     # ------------------------------------------------------------------ data
     def get(self, name: str, dtype: torch.dtype | None = torch.float32,
             device: torch.device | str = "cpu") -> torch.Tensor:
@@ -170,6 +196,11 @@ class Checkpoint:
         if m.file in self._pickled:
             src = self._pickled[m.file][name]
             return src.to(device=device, dtype=dtype or src.dtype, copy=True)
+        view = None
+        if self.mapped:
+            view = self._views[name] if name in self._views else self._mapped_view(name, m)
+        if view is not None:
+            return view.to(device=device, dtype=dtype or m.dtype, copy=True)
         raw = torch.empty(m.shape, dtype=m.dtype)
         nbytes = m.end - m.start
         if nbytes:
@@ -185,6 +216,23 @@ class Checkpoint:
             return raw
         return raw.to(device=device, dtype=dtype or m.dtype)
 
+    def _mapped_view(self, name: str, m: TensorMeta) -> torch.Tensor | None:
+        """The tensor ``name`` in its file's private mapping (never written, remembered), or None where the
+        offset is not aligned to the dtype (then ``get`` reads with pread)."""
+        data = self._maps.get(m.file)
+        if data is None:
+            with open(m.file, "rb") as f:
+                if os.fstat(f.fileno()).st_size == 0:
+                    return None
+                # ACCESS_COPY: a private mapping, writable for torch, whose writes could never reach the file
+                data = torch.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=torch.uint8)
+            self._maps[m.file] = data
+        if m.end > data.numel():
+            raise CheckpointError(f"{m.file}: tensor extends past the end of the file (changed on disk?)")
+        view = None if m.start % m.dtype.itemsize else data[m.start:m.end].view(m.dtype).view(m.shape)
+        self._views[name] = view
+        return view
+
     def _fd(self, file: Path) -> int:
         fd = self._fds.get(file)
         if fd is None:
@@ -196,6 +244,8 @@ class Checkpoint:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        self._views.clear()
+        self._maps.clear()  # unmapped once no tensor views them (get only hands out copies)
         self._pickled.clear()
 
     def __enter__(self):
@@ -206,3 +256,53 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint('{self.path}', {len(self._meta)} tensors)"
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+class CheckpointCache:
+    """Checkpoints kept open across uses, keyed by resolved path; one whose files changed is reopened.
+
+    ``open`` checks the files of a cached checkpoint (see ``Checkpoint.unchanged``) on every call, so a model
+    rewritten or replaced on disk is read afresh by the next plan. The cache owns what it opened: callers
+    must not close those checkpoints; ``close`` closes them all. At most ``size`` stay open (the least
+    recently used is closed first; a closed Checkpoint still reads, it only lets go of its files). Used by
+    one thread at a time. With ``mapped``, as with any memory-mapped reader, a weight file truncated in
+    place while a merge reads it can end the process (SIGBUS); a file replaced by a rename (as
+    CheckpointWriter writes) cannot.
+    """
+
+    def __init__(self, *, mapped: bool = True, size: int = 32):
+        if size < 1:
+            raise ValueError(f"size must be at least 1, got {size}")
+        self.mapped = mapped
+        self.size = size
+        self._open: OrderedDict[tuple[Path, bool], Checkpoint] = OrderedDict()
+        self.opened = 0  # checkpoints opened (first use, reopened after a change, or after eviction)
+
+    def open(self, path: str | os.PathLike, *, allow_pickle: bool = False) -> Checkpoint:
+        key = (Path(path).expanduser().resolve(), allow_pickle)
+        ck = self._open.get(key)
+        if ck is not None:
+            if ck.unchanged():
+                self._open.move_to_end(key)
+                return ck
+            del self._open[key]
+            ck.close()
+        ck = Checkpoint(key[0], allow_pickle=allow_pickle, mapped=self.mapped)
+        self._open[key] = ck
+        self.opened += 1
+        while len(self._open) > self.size:
+            self._open.popitem(last=False)[1].close()
+        return ck
+
+    def close(self) -> None:
+        for ck in self._open.values():
+            ck.close()
+        self._open.clear()

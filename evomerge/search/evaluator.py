@@ -6,6 +6,9 @@ model is merged tensor by tensor with the shared kernels and copied into the res
 checkpoint is written and the model is never reloaded. Anything else (a data-flow path with another
 layer count) is merged into a scratch checkpoint and loaded into a fresh backend for that candidate.
 
+Source checkpoints stay open across candidates (headers parsed once, weight files memory-mapped once) in a
+``CheckpointCache``, which reopens a checkpoint whose files changed on disk.
+
 The evaluator never decides what to try next; it only turns a Recipe into per-item scores.
 """
 
@@ -85,17 +88,20 @@ class InProcessEvaluator:
         self.resolver = resolver
         self.scratch = Path(scratch) if scratch else None
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self._checkpoints = None  # CheckpointCache, made with the backend
         self._backend = None
         self._shapes: dict[str, tuple[int, ...]] | None = None
         self._layers: int | None = None
 
     def resident(self):
         if self._backend is None:
-            from evomerge.checkpoint.reader import Checkpoint
+            from evomerge.checkpoint.reader import CheckpointCache
 
-            with Checkpoint(self.reference) as ck:
-                shapes = {n: tuple(ck.meta(n).shape) for n in ck.names}
-                layers = ck.num_layers
+            if self._checkpoints is None:
+                self._checkpoints = CheckpointCache()
+            ck = self._checkpoints.open(self.reference)
+            shapes = {n: tuple(ck.meta(n).shape) for n in ck.names}
+            layers = ck.num_layers
             self._backend = make_backend(self.kind, self.reference, device=self.device, dtype=self.dtype,
                                          batch_size=self.batch_size, options=self.options)
             self._shapes, self._layers = shapes, layers
@@ -110,7 +116,7 @@ class InProcessEvaluator:
         if self.resolver is not None:
             recipe = self.resolver.resolve(recipe)
         backend = self.resident()
-        plan = build_plan(recipe, Path("/"), seed=recipe.seed)
+        plan = build_plan(recipe, Path("/"), seed=recipe.seed, checkpoints=self._checkpoints)
         try:
             in_place = (
                 {j.out.name: tuple(j.out.shape) for j in plan.jobs} == self._shapes
@@ -158,3 +164,6 @@ class InProcessEvaluator:
         if close is not None:
             close()
         self._backend = None
+        if self._checkpoints is not None:
+            self._checkpoints.close()
+            self._checkpoints = None

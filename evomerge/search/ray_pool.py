@@ -1,9 +1,11 @@
 """Evaluate candidates on a pool of Ray actors: one resident backend per accelerator (or CPU slot).
 
 Each ``EvaluatorActor`` builds the same in-process evaluator the local executor uses (resident backend,
-in-place materialization with the shared kernels) once, at start. A candidate travels as its recipe
-(kilobytes) plus the recipes of any earlier candidates it names (lineage); the actor merges it into its
-resident model, scores it, and returns per-item scores, timings, and its node and actor ids.
+in-place materialization with the shared kernels, source checkpoints kept open) once, at start. A
+candidate travels as its recipe (a validated Recipe, pickled: kilobytes, and nothing to re-validate on
+arrival) plus the recipes of any earlier candidates it names (lineage) that the actor has not been sent
+yet; the actor merges it into its resident model, scores it, and returns per-item scores, timings, and its
+node and actor ids.
 
 ``RayExecutor`` implements the run loop's Executor: ``capacity`` is the number of live actors, so the
 loop keeps every actor busy as far as the optimizer allows (steady-state optimizers ask again as soon as
@@ -33,7 +35,13 @@ log = logging.getLogger(__name__)
 
 def lineage_closure(recipe: Recipe, store: dict[str, Recipe]) -> dict[str, dict]:
     """Every earlier candidate ``recipe`` names, directly or through its parents (hash -> recipe JSON)."""
-    out: dict[str, dict] = {}
+    closure = lineage_recipes(recipe, store)
+    return {h: r.model_dump(mode="json", exclude_defaults=True) for h, r in closure.items()}
+
+
+def lineage_recipes(recipe: Recipe, store: dict[str, Recipe]) -> dict[str, Recipe]:
+    """Every earlier candidate ``recipe`` names, directly or through its parents (hash -> recipe)."""
+    out: dict[str, Recipe] = {}
     todo = [recipe]
     while todo:
         r = todo.pop()
@@ -45,7 +53,7 @@ def lineage_closure(recipe: Recipe, store: dict[str, Recipe]) -> dict[str, dict]
                 if h not in out:
                     if h not in store:
                         raise EvomergeError(f"recipe names candidate {h[:12]}, which this run does not know")
-                    out[h] = store[h].model_dump(mode="json", exclude_defaults=True)
+                    out[h] = store[h]
                     todo.append(store[h])
     return out
 
@@ -78,14 +86,12 @@ class _Actor:
     def ready(self) -> dict:
         return {"pid": self.pid, "host": self.host, "node": self._ids[0], "actor": self._ids[1]}
 
-    def evaluate(self, recipe_json: dict, lineage: dict[str, dict]):
-        from evomerge.recipe.load import parse_recipe
-
-        for h, r in lineage.items():
-            if h not in self.recipes:
-                self.recipes[h] = parse_recipe(r, f"candidate {h[:12]}")
+    def evaluate(self, recipe: Recipe, lineage: dict[str, Recipe]):
+        """Score ``recipe``; ``lineage``: recipes of earlier candidates it names (hash -> Recipe)."""
         start = time.perf_counter()
-        outcome = self.evaluator.evaluate(parse_recipe(recipe_json, "candidate"))
+        for h, r in lineage.items():
+            self.recipes.setdefault(h, r)
+        outcome = self.evaluator.evaluate(recipe)
         outcome.timings["actor_total"] = time.perf_counter() - start
         outcome.worker = f"{self.host}:{self.pid} node={self._ids[0][:12]} actor={self._ids[1][:12]}"
         return outcome
@@ -96,6 +102,7 @@ class _Slot:
     handle: Any
     info: dict
     busy: int | None = None  # candidate key in flight
+    known: set[str] = field(default_factory=set)  # lineage recipes this actor has been sent
 
 
 @dataclass
@@ -222,8 +229,9 @@ class RayExecutor:
                 return
             if slot.busy is None:
                 key, recipe = self._queue.popleft()
-                lineage = lineage_closure(recipe, self.store)
-                ref = slot.handle.evaluate.remote(recipe.model_dump(mode="json", exclude_defaults=True), lineage)
+                lineage = {h: r for h, r in lineage_recipes(recipe, self.store).items() if h not in slot.known}
+                ref = slot.handle.evaluate.remote(recipe, lineage)
+                slot.known.update(lineage)
                 slot.busy = key
                 self._pending[ref] = (key, recipe, slot)
                 self._sent[ref] = time.perf_counter()
@@ -247,6 +255,7 @@ class RayExecutor:
                 self._lost(slot, key, recipe, err)
                 continue
             except self._ray.exceptions.RayTaskError as err:
+                slot.known.clear()  # the call may have failed before the actor stored its lineage: send it again
                 self._dispatch()
                 return key, None, err.as_instanceof_cause() if hasattr(err, "as_instanceof_cause") else err
             except self._ray.exceptions.RayError as err:  # node lost, object lost, ...

@@ -114,3 +114,20 @@ def test_removing_a_node_mid_run(cluster, local_reference, tmp_path):
     assert summary.evaluated == 8 and summary.failed == 0
     assert trace(run_dir) == trace(ref)
     assert all(n == 1 for n in results_per_hash(run_dir).values())
+
+
+def test_lineage_candidates_on_an_actor_equal_the_in_process_run(cluster, quick_zoo, tmp_path):
+    """Model-space M2N2: children name earlier candidates, whose recipes an actor is sent once. One actor,
+    so that the steady-state optimizer sees results in the in-process run's order."""
+    c, _ = cluster
+    cfg = config(quick_zoo, tmp_path, budget=14, space={"kind": "models"},
+                 optimizer={"name": "m2n2", "settings": {"archive_size": 4}})
+    start_run(cfg, tmp_path / "local", progress=False)
+    one = ray_config(cfg, c.address)
+    one = one.model_copy(update={"workers": one.workers.model_copy(update={"count": 1})})
+    summary = start_run(one, tmp_path / "ray", progress=False)
+    assert summary.evaluated == 14 and summary.failed == 0
+    assert trace(tmp_path / "ray") == trace(tmp_path / "local")
+    view = read_run(tmp_path / "ray")
+    named = [s["model"] for cand in view.candidates.values() for s in cand.recipe.get("sources", [])]
+    assert any(m.startswith("candidate:") for m in named), "no child named an earlier candidate"
