@@ -8,9 +8,18 @@ bf16 weights: throughput does not depend on the values) and two experts. Each (m
 own process, so peak RSS and compile latency are its own: eager (EVOMERGE_COMPILE=0) and compiled
 (EVOMERGE_COMPILE=1, fused kernels). A process merges --runs times: the first run includes compiling
 (reported separately as the time of the kernels' first calls), the warm time is the best of the others.
+Two paths per (method, mode):
+
+- file -> file: ``run_merge`` from the checkpoint files (page-cached) to a new checkpoint on disk, the
+  fsync included: what ``evomerge merge`` does.
+- in memory: the path a search takes to materialize a candidate into a resident model
+  (search/evaluator.py): the plan is built once, the sources are resident tensors on the device, and
+  ``merge_tensor`` runs over all jobs, keeping every output tensor in memory; nothing is written.
+
 Prints GB of input weights per second, its ratio to a memory copy of the same number of bytes measured
-in the same process, and peak RSS against one model's size. The first row does the same reads and
-writes as a merge with no arithmetic: the floor the file I/O sets (end-to-end times include the fsync).
+in the same process (on CUDA: a device-to-device copy), and peak RSS against one model's size. The
+first row does the same reads and writes as a file -> file merge with no arithmetic: the floor the file
+I/O sets. On CUDA every timing synchronizes the device before it starts and before it stops.
 """
 
 from __future__ import annotations
@@ -87,20 +96,60 @@ def one(method: str, device: str, runs: int) -> dict:
     seconds, peaks = [], []
     for _ in range(runs):
         with tempfile.TemporaryDirectory(dir=CACHE.parent) as tmp:
+            sync(device)
             start = time.perf_counter()
             run_merge(plan, Path(tmp) / "out", device=device, progress=False)
-            if device.startswith("cuda"):
-                import torch
-
-                torch.cuda.synchronize()
+            sync(device)
             seconds.append(time.perf_counter() - start)
         peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    compile_s = fused.stats["compile_s"]
+    memory, memory_threads = in_memory(plan, device, runs)  # after the file merges: resident sources would count in their RSS
     copy = memcopy_rate(plan.input_bytes, device)  # same process, right after the merges (after peak RSS)
     largest = max(j.out.nbytes // j.out.dtype.itemsize * 4 for j in plan.jobs)  # float32 bytes
     return {"method": method, "first": seconds[0], "warm": min(seconds[1:] or seconds),
-            "compile": fused.stats["compile_s"], "kernels": fused.stats["kernels"],
+            "compile": compile_s, "kernels": fused.stats["kernels"],
+            "memory_first": memory[0], "memory_warm": min(memory[1:] or memory),
+            "memory_compile": fused.stats["compile_s"] - compile_s, "memory_threads": memory_threads,
             "input_bytes": plan.input_bytes, "model_bytes": plan.checkpoints[0].nbytes, "peak_rss": peaks[0],
             "peak_rss_all": peaks[-1], "rss_before": rss_before, "bound": (len(plan.checkpoints) + 2) * largest, "copy": copy}
+
+
+def in_memory(plan, device: str, runs: int) -> tuple[list[float], int]:
+    """Seconds per in-memory merge (module docstring): resident sources, outputs kept, no files written.
+
+    With as many torch threads as run_merge computes with (one core less than the process has), so the
+    two paths differ in their I/O only: on a loaded machine, OpenMP threads on every core spin at each
+    barrier and time the machine's load instead of the merge.
+    """
+    import torch
+
+    from evomerge.merge import load_inputs, merge_tensor
+
+    resident = [[t.to(device) for t in load_inputs(plan, job)] for job in plan.jobs]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads - 1))
+    seconds = []
+    try:
+        for _ in range(runs):
+            sync(device)
+            start = time.perf_counter()
+            # a fresh list per job: merge_tensor may drop its inputs from the list it is given
+            outputs = {job.out.name: merge_tensor(plan, job, device, list(raws))
+                       for job, raws in zip(plan.jobs, resident, strict=True)}
+            sync(device)
+            seconds.append(time.perf_counter() - start)
+            del outputs
+    finally:
+        torch.set_num_threads(threads)
+    return seconds, max(1, threads - 1)
+
+
+def sync(device: str) -> None:
+    """Wait for queued device work (CUDA), so a timing covers it."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(device)
 
 
 def io_floor(device: str, runs: int) -> dict:
@@ -136,6 +185,8 @@ def io_floor(device: str, runs: int) -> dict:
 
 
 def memcopy_rate(nbytes: int, device: str) -> float:
+    """Bytes per second of one copy of ``nbytes`` from a buffer to another on ``device`` (best of 3): host
+    memory on CPU, device-to-device on CUDA."""
     import torch
 
     src = torch.ones(nbytes, dtype=torch.uint8, device=device)
@@ -143,12 +194,16 @@ def memcopy_rate(nbytes: int, device: str) -> float:
     dst.copy_(src)
     best = float("inf")
     for _ in range(3):
+        sync(device)
         start = time.perf_counter()
         dst.copy_(src)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        sync(device)
         best = min(best, time.perf_counter() - start)
     return nbytes / best
+
+
+def copy_kind(device: str) -> str:
+    return "a device-to-device copy (CUDA)" if device.startswith("cuda") else "a host memory copy"
 
 
 MODES = {"eager": "0", "compiled": "1"}
@@ -171,6 +226,7 @@ def main() -> None:
         with open(p / "model.safetensors", "rb") as f:
             while f.read(1 << 24):
                 pass
+    load = os.getloadavg()
     rows = []
     for m, mode in [("io", "eager")] + [(m, mode) for m in args.methods for mode in args.modes]:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "EVOMERGE_COMPILE": MODES[mode]}
@@ -178,25 +234,35 @@ def main() -> None:
                              check=True, capture_output=True, text=True, env=env)
         rows.append({**json.loads(out.stdout.strip().splitlines()[-1]), "mode": mode if m != "io" else "-"})
     r0 = rows[1] if len(rows) > 1 else rows[0]
-    print(f"device {args.device}; {args.runs} merges per process: 'first' includes compiling the fused kernels "
-          f"('compile', timed on their first calls), 'warm' is the best of the others; each process times a "
-          f"memory copy of the same {r0['input_bytes'] / 1e9:.2f} GB right after merging (best of 3)")
+    print(f"device {args.device}; load average before / after: {load[0]:.2f} / {os.getloadavg()[0]:.2f}; "
+          f"{args.runs} merges per process and path: 'first' includes compiling the fused kernels "
+          f"('compile', timed on their first calls), 'warm' is the best of the others; each process times "
+          f"{copy_kind(args.device)} of the same {r0['input_bytes'] / 1e9:.2f} GB right after merging (best of 3)")
+    print("paths: file->file = run_merge from page-cached checkpoints to a new checkpoint (fsync included); "
+          "in-memory = merge_tensor over all jobs from resident sources, outputs kept, no writes (a search's "
+          f"materialization), with run_merge's {r0.get('memory_threads', '?')} compute thread(s)")
     if "model_bytes" in r0:
         print(f"one model: {r0['model_bytes'] / 1e6:.0f} MB (bf16, 135M parameters); inputs: base + 2 experts; "
               f"(sources + 2) x largest tensor in float32: {r0['bound'] / 1e6:.0f} MB")
     print("merge RSS = peak RSS during the first merge minus the process's RSS before planning (interpreter, "
           "torch, libraries, and for compiled runs the compiler); 'after all' = the same after every merge")
-    print(f"{'method':18s} {'mode':8s} {'first s':>7s} {'compile s':>9s} {'warm s':>7s} {'GB/s':>6s} {'copy GB/s':>9s} "
-          f"{'vs copy':>7s} {'peak RSS':>8s} {'merge RSS':>9s} {'merge RSS/model':>15s} {'after all':>9s}")
+    print(f"{'method':18s} {'mode':8s} {'path':10s} {'first s':>7s} {'compile s':>9s} {'warm s':>7s} {'GB/s':>6s} "
+          f"{'copy GB/s':>9s} {'vs copy':>7s} {'peak RSS':>8s} {'merge RSS':>9s} {'merge RSS/model':>15s} "
+          f"{'after all':>9s}")
     for r in rows:
         rate = r["input_bytes"] / r["warm"]
-        line = (f"{r['method']:18s} {r['mode']:8s} {r['first']:7.2f} {r['compile']:9.2f} {r['warm']:7.3f} "
-                f"{rate / 1e9:6.2f} {r['copy'] / 1e9:9.2f} {rate / r['copy']:7.1%}")
+        line = (f"{r['method']:18s} {r['mode']:8s} {'file->file':10s} {r['first']:7.2f} {r['compile']:9.2f} "
+                f"{r['warm']:7.3f} {rate / 1e9:6.2f} {r['copy'] / 1e9:9.2f} {rate / r['copy']:7.1%}")
         if "peak_rss" in r:
             merge_rss = r["peak_rss"] - r["rss_before"]
             line += (f" {r['peak_rss'] / 1e6:6.0f}MB {merge_rss / 1e6:7.0f}MB "
                      f"{merge_rss / r['model_bytes']:15.2f} {(r['peak_rss_all'] - r['rss_before']) / r['model_bytes']:9.2f}")
         print(line)
+        if "memory_warm" in r:
+            rate = r["input_bytes"] / r["memory_warm"]
+            print(f"{r['method']:18s} {r['mode']:8s} {'in-memory':10s} {r['memory_first']:7.2f} "
+                  f"{r['memory_compile']:9.2f} {r['memory_warm']:7.3f} {rate / 1e9:6.2f} {r['copy'] / 1e9:9.2f} "
+                  f"{rate / r['copy']:7.1%}")
 
 
 if __name__ == "__main__":

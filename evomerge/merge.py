@@ -3,8 +3,8 @@
 Tensors are read in their stored dtype and the results written by one I/O thread (inputs one job ahead,
 results one job behind, so reading and writing overlap the arithmetic), merged on the compute device,
 and written at their place in the output. Large tensors of chunkable methods are merged in chunks
-with float32 existing one chunk at a time: by compiled kernels (kernels/fused.py; CPU, when enabled,
-see EVOMERGE_COMPILE) or by eager torch chunk loops; the rest whole, in float32. Memory at any time:
+with float32 existing one chunk at a time: by compiled kernels (kernels/fused.py; CPU or CUDA, when
+enabled, see EVOMERGE_COMPILE) or by eager torch chunk loops; the rest whole, in float32. Memory at any time:
 the stored-dtype inputs of two jobs, one result waiting for its write, and the float32 inputs, result
 and temporaries of one job, about (sources + 2) x the largest tensor in float32.
 """
@@ -58,7 +58,7 @@ def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device | str = "
     structure = _fused_structure(plan, job, raws)
     numel = math.prod(job.out.shape)
     if structure is not None and fused.wanted(structure, numel, torch.device(device)):
-        out = _merge_fused(plan, job, raws)
+        out = _merge_fused(plan, job, raws, torch.device(device))
         if out is not None:
             return out
     start = time.perf_counter()
@@ -76,11 +76,12 @@ def _fused_structure(plan: MergePlan, job: TensorJob, raws: list[torch.Tensor]) 
     return chunked.fused_structure(fn, tuple(r.dtype for r in raws), job.out.dtype)
 
 
-def _merge_fused(plan: MergePlan, job: TensorJob, raws: list[torch.Tensor]) -> torch.Tensor | None:
-    """Merge with compiled chunk kernels (CPU); None if they are unavailable (the caller merges eagerly)."""
+def _merge_fused(plan: MergePlan, job: TensorJob, raws: list[torch.Tensor],
+                 device: torch.device) -> torch.Tensor | None:
+    """Merge with compiled chunk kernels on ``device``; None if they are unavailable (the caller merges eagerly)."""
     refs = _refs(job)
-    flats = [r.reshape(-1) for r in raws]
-    out = torch.empty(job.out.shape, dtype=job.out.dtype)
+    flats = [r.to(device).reshape(-1) for r in raws]
+    out = torch.empty(job.out.shape, dtype=job.out.dtype, device=device)
     what = f"the merged tensor '{job.out.name}' (method {plan.method.name})"
 
     def on_nonfinite(start: int, end: int) -> None:

@@ -1,8 +1,10 @@
 """Task-vector pipelines over chunks of a large tensor, with the same result as the whole-tensor path.
 
-Selections that need the whole tensor (TIES trimming, breadcrumbs bands) are settled first by two
-histogram passes over the chunks (StreamTopK); then every chunk runs sparsify, consensus and the
-combination entrywise, in cache. Inputs stay in their stored dtype; float32 exists one chunk at a time,
+Selections that need the whole tensor (TIES trimming, breadcrumbs bands) are settled first: by one
+counting pass over the chunks around a bracket guessed from a sample (kernels/bracket.py; fused kernels,
+and eager code off the CPU), or by two exact histogram passes (StreamTopK; eager CPU code, and any k-th
+largest outside its bracket); then every chunk runs sparsify,
+consensus and the combination entrywise, in cache. Inputs stay in their stored dtype; float32 exists one chunk at a time,
 so memory stays near the stored inputs plus the output, and each value moves through main memory a
 few times instead of once per operation.
 """
@@ -15,6 +17,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from evomerge.kernels import fused
+from evomerge.kernels.bracket import Bracket, delta_magnitude, in_eager, sample_positions
 from evomerge.kernels.registry import TensorContext
 from evomerge.kernels.select import BLOCK, StreamTopK, exact_count, stream_keys, uniform
 from evomerge.kernels.taskvector import (
@@ -51,6 +54,25 @@ def _selections(pipe: TaskVectorPipeline, mp, n: int, device) -> list[StreamTopK
     return []
 
 
+def _brackets(live, raws: list[torch.Tensor], n: int) -> list[tuple[int, StreamTopK, Bracket]]:
+    """A sampled bracket for every live selection (``live``: (model, selection) pairs); flat ``raws``."""
+    positions = sample_positions(n)
+    samples = {i: delta_magnitude(raws[i], raws[-1], positions) for i in sorted({i for i, _ in live})}
+    return [(i, s, Bracket(s.k, n, samples[i])) for i, s in live]
+
+
+def _resolve(brackets) -> list[tuple[int, StreamTopK]]:
+    """Settle every selection whose bracket holds its k-th largest; the others, for the histogram passes."""
+    rest = []
+    for i, s, bracket in brackets:
+        settled = bracket.resolve()
+        if settled is None:
+            rest.append((i, s))
+        else:
+            s.settle(settled)
+    return rest
+
+
 def run_chunked(pipe: TaskVectorPipeline, raws: list[torch.Tensor], mps, gp, ctx: TensorContext,
                 out: torch.Tensor, *, post: Callable | None = None, check: Callable | None = None) -> torch.Tensor:
     """Merge into ``out`` (any float dtype). ``raws``: flat source tensors then the base, stored dtype.
@@ -70,7 +92,17 @@ def run_chunked(pipe: TaskVectorPipeline, raws: list[torch.Tensor], mps, gp, ctx
 
     sels = [_selections(pipe, mp, n, out.device) for mp in mps]
     live = [(i, s) for i, row in enumerate(sels) for s in row if not s.trivial]
-    if live:
+    if live and in_eager(out.device):
+        brackets = _brackets(live, raws, n)
+        models = sorted({i for i, _ in live})
+        for start in range(0, n, BLOCK):
+            end = min(n, start + BLOCK)
+            magnitudes = {i: delta_magnitude(raws[i], raws[-1], slice(start, end)) for i in models}
+            for i, _, bracket in brackets:
+                bracket.observe(magnitudes[i], start)
+            del magnitudes
+        live = _resolve(brackets)
+    if live:  # a k-th largest outside its sampled bracket: two exact histogram passes
         for _, _, ts, _ in chunks():
             for i, s in live:
                 s.observe_high(ts[i].abs_())
@@ -122,24 +154,29 @@ def run_fused(pipe: TaskVectorPipeline, raws: list[torch.Tensor], mps, gp, ctx: 
               *, scale: float = 1.0, on_nonfinite: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Merge into ``out`` like ``run_chunked`` (then depth scaling by ``scale``) with compiled kernels.
 
-    ``raws``: flat sources then the base, stored dtype. ``on_nonfinite(start, end)`` runs for a chunk whose
-    inputs or result are not all finite, after its result is in ``out`` (it raises, naming the culprit).
-    Raises ``fused.Unavailable`` if a kernel cannot be compiled; ``out`` is then partly written.
+    ``raws``: flat sources then the base, stored dtype, on ``out``'s device (CPU: inductor's C++ kernels;
+    CUDA: triton). ``on_nonfinite(start, end)`` runs for the chunks whose inputs or result are not all
+    finite, in order, once every result is in ``out`` (it raises, naming the culprit). Raises
+    ``fused.Unavailable`` if a kernel cannot be compiled; ``out`` is then partly written.
     """
     kind, sign, count, dtypes, _ = fused_structure(pipe, tuple(r.dtype for r in raws), out.dtype)
+    device = out.device
     flat = out.view(-1)
     n = flat.numel()
-    spans = [(a, min(n, a + fused.CHUNK)) for a in range(0, n, fused.CHUNK)]
-    zero = torch.zeros((), dtype=torch.float32)
+    step = fused.chunk_size(device)
+    spans = [(a, min(n, a + step)) for a in range(0, n, step)]
+    zero = torch.zeros((), dtype=torch.float32, device=device)
     scaling = [float(scale), float(scale != 1.0)]
+    flags = []
     coefficients = pipe.one_pass_coefficients(mps, gp) if pipe.elementwise else None
     if coefficients is not None:
-        ta = fused.kernel(("ta", count, dtypes, out.dtype), lambda: fused.ta_body(count))
-        fp = torch.tensor([coefficients[0], *coefficients[1], *scaling], dtype=torch.float32)
+        ta = fused.kernel(("ta", count, dtypes, out.dtype), lambda: fused.ta_body(count), device)
+        fp = torch.tensor([coefficients[0], *coefficients[1], *scaling], dtype=torch.float32, device=device)
         for a, b in spans:
-            _check(ta(*[r[a:b] for r in raws], fp, zero, flat[a:b]), a, b, on_nonfinite)
+            flags.append(ta(*[r[a:b] for r in raws], fp, zero, flat[a:b]))
+        _check(flags, spans, on_nonfinite)
         return out
-    sels = [_selections(pipe, mp, n, out.device) if kind in ("topk", "band") else [] for mp in mps]
+    sels = [_selections(pipe, mp, n, device) if kind in ("topk", "band") else [] for mp in mps]
     live = [(i, s) for i, row in enumerate(sels) for s in row if not s.trivial]
     if live:
         _settle(live, raws, spans, dtypes)
@@ -152,31 +189,44 @@ def run_fused(pipe: TaskVectorPipeline, raws: list[torch.Tensor], mps, gp, ctx: 
         drop = kind == "drop" and mp.density < 1.0
         p = mp.density if drop else 1.0
         fp += [mp.weight, *bounds, p, p if drop and gp.rescale == "inverse" else 1.0]
-    fp = torch.tensor(fp, dtype=torch.float32)
+    fp = torch.tensor(fp, dtype=torch.float32, device=device)
     combine = fused.kernel(("pipe", kind, sign, count, dtypes, out.dtype),
-                           lambda: fused.pipe_body(count, kind, sign))
-    ties = _TieCounter(live, raws, dtypes)
+                           lambda: fused.pipe_body(count, kind, sign), device)
+    ties = _TieCounter([(i, s) for i, s in live if s.cut is None], raws, dtypes)
     for a, b in spans:
         ip = [a]
         for i, row in enumerate(sels):
             ip += [s.tie_cut(a, b, ties.count(s, a, b), ties.nth(i, s, a, b)) for s in row] + [0] * (2 - len(row))
             ip += stream_keys(ctx.seed, ctx.model_ids[i], ctx.name, a) if kind == "drop" else [0, 0]
-        flag = combine(*[r[a:b] for r in raws], fp, torch.tensor(ip, dtype=torch.int64), zero, flat[a:b])
-        _check(flag, a, b, on_nonfinite)
+        ip = torch.tensor(ip, dtype=torch.int64, device=device)
+        flags.append(combine(*[r[a:b] for r in raws], fp, ip, zero, flat[a:b]))
+    _check(flags, spans, on_nonfinite)
     return out
 
 
-def _check(flag: torch.Tensor, a: int, b: int, on_nonfinite) -> None:
-    """Call ``on_nonfinite(a, b)`` if a merging kernel's flag says the chunk [a, b) is not all finite."""
-    if float(flag) != 0.0 and on_nonfinite is not None:  # NaN: some input or result entry is not finite
-        on_nonfinite(a, b)
+def _check(flags: list[torch.Tensor], spans, on_nonfinite) -> None:
+    """Call ``on_nonfinite(a, b)`` for each chunk [a, b) whose merging kernel's flag is not 0 (NaN: some input
+    or result entry is not finite). One read of all flags: no device round trip per chunk."""
+    if on_nonfinite is None or not flags:
+        return
+    for flag, (a, b) in zip(torch.stack(flags).tolist(), spans, strict=True):
+        if flag != 0.0:
+            on_nonfinite(a, b)
 
 
 def _settle(live, raws: list[torch.Tensor], spans, dtypes) -> None:
-    """The two histogram passes of every live StreamTopK, with fused kernels computing the keys."""
+    """Settle every live StreamTopK: from sampled brackets and one fused counting pass where the k-th largest
+    lies in its bracket, else by two histogram passes with fused kernels computing the keys."""
     count = len(raws) - 1
+    device = raws[-1].device
+    brackets = _brackets(live, raws, spans[-1][1])
+    for group in range(0, len(brackets), 8):  # one uint8 of flags per entry holds the bits of 8 selections
+        _observe(brackets[group:group + 8], raws, spans, dtypes)
+    live = _resolve(brackets)
+    if not live:
+        return
     models = tuple(sorted({i for i, _ in live}))
-    bits = fused.kernel(("bits", count, dtypes, models), lambda: fused.magnitude_bits_body(count, models))
+    bits = fused.kernel(("bits", count, dtypes, models), lambda: fused.magnitude_bits_body(count, models), device)
 
     def high(keys) -> None:
         for i, k in zip(models, keys, strict=True):
@@ -189,8 +239,8 @@ def _settle(live, raws: list[torch.Tensor], spans, dtypes) -> None:
     for _, s in live:
         s.choose_bucket()
     owners = tuple(i for i, _ in live)
-    low = fused.kernel(("low", count, dtypes, owners), lambda: fused.low_keys_body(count, owners))
-    ranges = torch.tensor([s.bucket_range() for _, s in live], dtype=torch.float32)
+    low = fused.kernel(("low", count, dtypes, owners), lambda: fused.low_keys_body(count, owners), device)
+    ranges = torch.tensor([s.bucket_range() for _, s in live], dtype=torch.float32, device=device)
 
     def low_counts(keys) -> None:
         for (_, s), k in zip(live, keys, strict=True):
@@ -199,6 +249,24 @@ def _settle(live, raws: list[torch.Tensor], spans, dtypes) -> None:
     _each_chunk(spans, lambda a, b: low(*[r[a:b] for r in raws], ranges), low_counts)
     for _, s in live:
         s.finish()
+
+
+def _observe(brackets, raws: list[torch.Tensor], spans, dtypes) -> None:
+    """The brackets' counting pass with one fused kernel per chunk (at most 8 brackets): counts, then the
+    positions flagged inside some bracket, then for each bracket its positions and their values."""
+    count = len(raws) - 1
+    device = raws[-1].device
+    owners = tuple(i for i, _, _ in brackets)
+    kernel = fused.kernel(("bracket", count, dtypes, owners),
+                          lambda: fused.bracket_body(count, owners), device)
+    bounds = torch.tensor([b.bounds for _, _, b in brackets], dtype=torch.float32, device=device)
+    for a, b in spans:
+        counts, flags = kernel(*[r[a:b] for r in raws], bounds)
+        flagged = torch.nonzero(flags).view(-1)
+        bits = flags[flagged]
+        for s, (i, _, bracket) in enumerate(brackets):
+            idx = flagged[bits.bitwise_and(1 << s) != 0] if len(brackets) > 1 else flagged
+            bracket.add(counts[s], idx + a, delta_magnitude(raws[i][a:b], raws[-1][a:b], idx))
 
 
 def _each_chunk(spans, keys: Callable, histogram: Callable) -> None:
@@ -210,18 +278,19 @@ def _each_chunk(spans, keys: Callable, histogram: Callable) -> None:
 class _TieCounter:
     """Where the values equal to each live selection's threshold lie in a chunk: counts per TIE_BLOCK block
     from one fused kernel call (made only while some selection still places its last kept tie), then
-    the position of the j-th inside its block, eagerly."""
+    the position of the j-th inside its block, eagerly. For selections whose tie cut is not known yet."""
 
     def __init__(self, live, raws: list[torch.Tensor], dtypes):
         self.live, self.raws, self.at, self.blocks = live, raws, None, None
         count = len(raws) - 1
         owners = tuple(i for i, _ in live)
-        self.kernel = fused.kernel(("ties", count, dtypes, owners), lambda: fused.tie_count_body(count, owners)) \
-            if live else None
-        self.thr = torch.tensor([s.bound for _, s in live], dtype=torch.float32)
+        device = raws[-1].device
+        self.kernel = fused.kernel(("ties", count, dtypes, owners), lambda: fused.tie_count_body(count, owners),
+                                   device) if live else None
+        self.thr = torch.tensor([s.bound for _, s in live], dtype=torch.float32, device=device)
 
     def _magnitude(self, i: int, a: int, b: int) -> torch.Tensor:
-        return (self.raws[i][a:b].float() - self.raws[-1][a:b].float()).abs_()
+        return delta_magnitude(self.raws[i], self.raws[-1], slice(a, b))
 
     def _counts(self, a: int, b: int) -> torch.Tensor:
         """int64 [S, blocks]: ties per block of [a, b); a last partial block is counted eagerly."""

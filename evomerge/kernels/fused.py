@@ -1,4 +1,4 @@
-"""Fused chunk kernels compiled with torch.compile (inductor, CPU), and the rule for when to use them.
+"""Fused chunk kernels compiled with torch.compile (inductor: C++ on CPU, triton on CUDA), and when to use them.
 
 The eager chunked paths run every chunk as a dozen separate torch operations, each one a pass over
 memory with its own temporaries. The kernels here write the same arithmetic once per kernel *structure*
@@ -15,7 +15,8 @@ warning, and the tensor is merged eagerly (``Unavailable``).
 
 Agreement with eager: the kernels apply the eager operations in the same order, except that eager torch
 computes ``a.add_(b, alpha=c)`` as a fused multiply-add on CPU while inductor rounds the product first,
-so a float32 result can differ in its last bit (tests bound it). Signs of zeros may differ too.
+so a float32 result can differ in its last bit (tests bound it). Signs of zeros may differ too. On CUDA,
+triton's own contractions, approximate division and flushed subnormals are turned off (EAGER_NUMERICS).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from evomerge.kernels.select import hashed_uniform
 log = logging.getLogger(__name__)
 
 ENV = "EVOMERGE_COMPILE"
-CHUNK = 1 << 20  # entries per fused-kernel call: one pass per chunk, so size only amortizes call overhead
+CHUNK = 1 << 20  # entries per fused-kernel call on CPU: one pass per chunk, so size only amortizes call overhead
+CUDA_CHUNK = 1 << 23  # on CUDA: a launch costs more (at most 2^24, where bracket_body's float counts stay exact)
 MIN_NUMEL = 1 << 16  # smaller tensors stay on the eager path
 AUTO_AFTER_S = 10.0  # auto mode: eager seconds per structure before compiling it
 
@@ -69,10 +71,16 @@ def _supported() -> bool:
     return _disabled is None
 
 
+def chunk_size(device: torch.device) -> int:
+    """Entries per fused-kernel call on ``device``."""
+    return CUDA_CHUNK if device.type == "cuda" else CHUNK
+
+
 def wanted(structure: tuple, numel: int, device: torch.device) -> bool:
-    """Whether to merge a tensor of ``numel`` entries with the compiled kernels of ``structure``."""
+    """Whether to merge a tensor of ``numel`` entries with the compiled kernels of ``structure`` on ``device``
+    (CPU or CUDA)."""
     m = mode()
-    if m == "0" or device.type != "cpu" or numel < MIN_NUMEL:
+    if m == "0" or device.type not in ("cpu", "cuda") or numel < MIN_NUMEL:
         return False
     if m == "auto" and _eager_s[structure] < AUTO_AFTER_S:
         return False
@@ -84,15 +92,42 @@ def note_eager(structure: tuple, seconds: float) -> None:
     _eager_s[structure] += seconds
 
 
+# Triton (CUDA) by default contracts a * b + c into one fused multiply-add, divides approximately and may
+# flush subnormals to zero: any of them changes bits, and a contracted sum of weighted task vectors that
+# cancels exactly (0.7 * 15u - 0.5 * 21u) gets another sign, so TIES elects another sign than eager.
+# These inductor settings give eager's IEEE float32 arithmetic; those this torch lacks are left out.
+EAGER_NUMERICS = {"emulate_precision_casts": True, "eager_numerics.division_rounding": True,
+                  "eager_numerics.disable_ftz": True}
+
+
+def _compile_options(device_type: str) -> dict:
+    """torch.compile options for kernels on ``device_type``: eager numerics on CUDA."""
+    if device_type != "cuda":
+        return {}
+    from torch._inductor import config
+
+    def known(key: str) -> bool:
+        node = config
+        for part in key.split("."):
+            if not hasattr(node, part):
+                return False
+            node = getattr(node, part)
+        return True
+
+    return {k: v for k, v in EAGER_NUMERICS.items() if known(k)}
+
+
 class _Compiled:
     """One compiled kernel; the first call compiles (timed into ``stats``), any failure disables fusing."""
 
-    def __init__(self, key: tuple, body: Callable):
+    def __init__(self, key: tuple, body: Callable, device_type: str = "cpu"):
         # Dynamo keeps compiled variants, and its recompile limit, per code object: give every
         # structure's kernel a code object of its own rather than one template told apart by closures.
         code = body.__code__.replace(co_name=f"{body.__name__}_{len(_kernels)}")
         fresh = type(body)(code, body.__globals__, code.co_name, body.__defaults__, body.__closure__)
-        self.key, self.fn, self.ready = key, torch.compile(fresh, dynamic=True, fullgraph=True), False
+        options = _compile_options(device_type)
+        self.key, self.ready = key, False
+        self.fn = torch.compile(fresh, dynamic=True, fullgraph=True, **({"options": options} if options else {}))
 
     def __call__(self, *args):
         global _disabled
@@ -113,11 +148,12 @@ class _Compiled:
         return out
 
 
-def kernel(structure: tuple, build: Callable[[], Callable]) -> _Compiled:
-    """The compiled kernel for ``structure`` (``build()`` returns its body on first use)."""
-    key = (structure, torch.get_num_threads())
+def kernel(structure: tuple, build: Callable[[], Callable], device: torch.device | str = "cpu") -> _Compiled:
+    """The compiled kernel for ``structure`` on ``device``'s type (``build()`` returns its body on first use)."""
+    device_type = torch.device(device).type
+    key = (structure, device_type, torch.get_num_threads())
     if key not in _kernels:
-        _kernels[key] = _Compiled(key, build())
+        _kernels[key] = _Compiled(key, build(), device_type)
     return _kernels[key]
 
 
@@ -219,6 +255,31 @@ def magnitude_bits_body(n: int, models: tuple[int, ...]) -> Callable:
         return tuple((args[i].float() - b).abs().view(torch.int32) for i in models)
 
     return magnitude_bits
+
+
+def bracket_body(n: int, owners: tuple[int, ...]) -> Callable:
+    """One counting pass for sampled brackets (kernels/bracket.py): for each selection s (``owners[s]``: its
+    model, at most 8 selections) with bracket ``bounds[s] = (lo, hi)`` (float32 [S, 2]), the counts of
+    |x_i - b| above hi, equal to hi, equal to lo and below lo (int64 [S, 4]), and one uint8 per entry
+    whose bit s says that the entry lies strictly between lo and hi for selection s.
+
+    Counts are float sums of 1.0 / 0.0 (exact below 2^24 entries per call) and the flags integer selects:
+    inductor's CPU code vectorizes neither boolean reductions nor boolean stores."""
+
+    def bracket(*args):
+        b, bounds = args[n].float(), args[n + 1]
+        counts = []
+        flags = None
+        for s, i in enumerate(owners):
+            v = (args[i].float() - b).abs()
+            lo, hi = bounds[s, 0], bounds[s, 1]
+            counts.append(torch.stack([torch.where(v > hi, 1.0, 0.0).sum(), torch.where(v == hi, 1.0, 0.0).sum(),
+                                       torch.where(v == lo, 1.0, 0.0).sum(), torch.where(v < lo, 1.0, 0.0).sum()]))
+            bit = torch.where((v > lo) & (v < hi), 1 << s, 0)
+            flags = bit if flags is None else flags + bit
+        return torch.stack(counts).to(torch.int64), flags.to(torch.uint8)
+
+    return bracket
 
 
 LOW_BINS = 1 << 16

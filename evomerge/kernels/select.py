@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 import torch
 
+from evomerge.kernels.bracket import Bracket, Settled, in_eager, sample_positions
+
 
 def exact_count(fraction: float, n: int) -> int:
     """``floor(fraction * n)`` computed so float error cannot lose one (0.29 * 100 gives 29, not 28)."""
@@ -59,7 +61,19 @@ def top_k_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     if k >= n:
         return torch.ones_like(magnitude, dtype=torch.bool)
     flat = magnitude.reshape(-1)
-    threshold, above, equal = kth_largest(flat, k)
+    settled = None
+    if flat.dtype == torch.float32 and n >= (1 << 16) and in_eager(flat.device):
+        bracket = Bracket(k, n, flat[sample_positions(n)])
+        bracket.observe(flat, 0)
+        settled = bracket.resolve()
+    if settled is not None and settled.cut is not None:  # the kept ties end at a known position
+        mask = flat > settled.threshold
+        mask[: settled.cut] |= flat[: settled.cut] == settled.threshold
+        return mask.view(magnitude.shape)
+    if settled is not None:
+        threshold, above, equal = settled.threshold, settled.above, settled.ties
+    else:
+        threshold, above, equal = kth_largest(flat, k)
     mask = flat >= threshold
     extra = above + equal - k
     if extra > 0:  # more values equal the threshold than fit: drop the ones at the highest indices
@@ -76,25 +90,45 @@ def _float(bits: int) -> float:
 class StreamTopK:
     """Exact top-k of non-negative float32 values seen chunk by chunk, with the same result as top_k_mask.
 
-    Two histogram passes over the chunks (``observe_high`` on all, then ``observe_low`` on all) fix the
-    threshold; then ``mask`` is called on the chunks in order, admitting values equal to the threshold
+    Settled either from a sampled bracket and one counting pass (``settle`` with a Bracket's result), or by
+    two histogram passes over the chunks (``observe_high`` on all, then ``observe_low`` on all, then
+    ``finish``). Then ``mask`` is called on the chunks in order, admitting values equal to the threshold
     lowest index first until k are kept.
     """
 
     def __init__(self, k: int, n: int, device: torch.device | str = "cpu"):
-        self.k, self.n = k, n
+        self.k, self.n, self.device = k, n, device
         self.trivial = k <= 0 or k >= n
-        self.high = torch.zeros(1 << 15, dtype=torch.int64, device=device)
-        self.low = torch.zeros(1 << 16, dtype=torch.int64, device=device)
-        self.bucket = self.above = self.threshold = self.ties_wanted = self.ties_total = None
+        self._high = self._low = None  # histograms, allocated by the passes that need them
+        self.bucket = self.above = self.threshold = self.ties_wanted = self.ties_total = self.cut = None
         self.ties_seen = 0
+        self.position = 0  # where the next chunk given to ``mask`` starts
+
+    @property
+    def high(self) -> torch.Tensor:
+        if self._high is None:
+            self._high = torch.zeros(1 << 15, dtype=torch.int64, device=self.device)
+        return self._high
+
+    @property
+    def low(self) -> torch.Tensor:
+        if self._low is None:
+            self._low = torch.zeros(1 << 16, dtype=torch.int64, device=self.device)
+        return self._low
+
+    def settle(self, settled: Settled) -> None:
+        """Fix the selection from its threshold, the counts above and equal to it, and maybe the tie cut."""
+        self.threshold = settled.threshold
+        self.ties_wanted = self.k - settled.above
+        self.ties_total = settled.ties
+        self.cut = settled.cut
 
     def observe_high(self, magnitude: torch.Tensor) -> None:
         self.add_high(torch.bincount(magnitude.reshape(-1).view(torch.int32) >> 16, minlength=1 << 15))
 
     def add_high(self, counts: torch.Tensor) -> None:
         """First pass, from a histogram of the top 16 bits computed elsewhere (a fused kernel)."""
-        self.high += counts
+        self.high.add_(counts)
 
     def choose_bucket(self) -> None:
         self.bucket, self.above = _bucket_from_counts(self.high, self.k)
@@ -105,7 +139,7 @@ class StreamTopK:
 
     def add_low(self, counts: torch.Tensor) -> None:
         """Second pass, from a histogram of the low 16 bits of the bucket's values computed elsewhere."""
-        self.low += counts[: 1 << 16]
+        self.low.add_(counts[: 1 << 16])
 
     def bucket_range(self) -> tuple[float, float, float, float]:
         """After ``choose_bucket``: (lo, hi, f1, f2) with the bucket's values v in [lo, hi), and the low 16 bits
@@ -117,17 +151,24 @@ class StreamTopK:
 
     def finish(self) -> None:
         sub, above_in_bucket = _bucket_from_counts(self.low, self.k - self.above)
-        self.threshold = _float((self.bucket << 16) | sub)
-        self.ties_wanted = self.k - self.above - above_in_bucket
-        self.ties_total = int(self.low[sub])
+        self.settle(Settled(_float((self.bucket << 16) | sub), self.above + above_in_bucket, int(self.low[sub]), None))
+        self._high = self._low = None
 
     def mask(self, magnitude: torch.Tensor) -> torch.Tensor:
         """The next chunk's keep mask as float32 1.0 / 0.0 (eager CPU torch is much faster on floats)."""
+        start = self.position
+        self.position += magnitude.numel()
         if self.trivial:
             return torch.full_like(magnitude, float(self.k > 0), dtype=torch.float32)
-        if self.ties_wanted == self.ties_total:
+        if self.ties_wanted == self.ties_total or (self.cut is not None and self.cut >= self.position):
             return torch.ge(magnitude, self.threshold, out=torch.empty_like(magnitude, dtype=torch.float32))
         keep = torch.gt(magnitude, self.threshold, out=torch.empty_like(magnitude, dtype=torch.float32))
+        if self.cut is not None:  # the kept ties end at a known position
+            if self.cut > start:
+                head = keep.view(-1)[: self.cut - start]
+                head.add_(torch.eq(magnitude.reshape(-1)[: self.cut - start], self.threshold,
+                                   out=torch.empty_like(head)))
+            return keep
         ties = torch.eq(magnitude, self.threshold, out=torch.empty_like(keep)).view(-1)
         count = int(ties.sum())
         take = self.ties_wanted - self.ties_seen  # ties still to keep, lowest index first
@@ -152,6 +193,8 @@ class StreamTopK:
         the j-th of them (1-based). Both are called only while the chunk decides where the ties end."""
         if self.trivial or self.ties_wanted == self.ties_total:
             return 1 << 62
+        if self.cut is not None:
+            return self.cut
         remaining = self.ties_wanted - self.ties_seen
         if remaining <= 0:
             return 0

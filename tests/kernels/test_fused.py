@@ -154,3 +154,23 @@ def test_when_compiled_kernels_are_used(monkeypatch):
     assert not fused.wanted(key, 1 << 30, cpu)
     fused.note_eager(key, fused.AUTO_AFTER_S)
     assert fused.wanted(key, 1 << 30, cpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["random", "tied", "unchanged"])
+@pytest.mark.parametrize("name,params,gp", CASES)
+def test_fused_on_cuda_agrees_with_whole_tensor_kernel(monkeypatch, name, params, gp, kind):
+    """Triton kernels on CUDA tensors, several chunks: the CPU whole-tensor result to float32 rounding
+    (selections and DARE draws exactly: a wrong entry would differ by a whole delta)."""
+    monkeypatch.setattr(fused, "CUDA_CHUNK", 1 << 14)
+    raws = models(kind)
+    m = get_method(name)
+    mps = [m.model_params(**p) for p in params]
+    gps = m.global_params(**gp)
+    ctx = TensorContext("model.layers.0.mlp.up_proj.weight", seed=3, model_ids=("a", "b"))
+    ref = m.fn([r.float() for r in raws[:-1]], raws[-1].float(), mps, gps, ctx)
+    out = torch.empty(N, device="cuda")
+    chunked.run_fused(m.fn, [r.cuda() for r in raws], mps, gps, ctx, out)
+    assert out.device.type == "cuda"
+    close(out.cpu(), ref)
