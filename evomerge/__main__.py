@@ -1,3 +1,3 @@
-from evomerge.cli import main
+from evomerge.cli import entry
 
-raise SystemExit(main())
+entry()

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from evomerge.errors import EvomergeError
+
+# Set by a command whose results are all on disk and fsynced when it returns (merge): the console entry
+# point then ends the process without the interpreter's teardown, which with torch loaded takes longer
+# than merging a small model (0.6-1.2 s measured on a 2-core machine).
+_DONE_ON_DISK = False
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -28,6 +34,8 @@ def _merge(args: argparse.Namespace) -> int:
     finally:
         plan.close()
     print(f"wrote {out} ({len(plan.jobs)} tensors, recipe {recipe.content_hash()[:12]})")
+    global _DONE_ON_DISK
+    _DONE_ON_DISK = True
     return 0
 
 
@@ -200,3 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; nothing was written to the output path", file=sys.stderr)
         return 130
+
+
+def entry() -> None:
+    """The ``evomerge`` command (and ``python -m evomerge``): ``main`` with the process's arguments."""
+    rc = main()
+    if _DONE_ON_DISK and rc == 0:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    sys.exit(rc)

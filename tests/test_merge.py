@@ -241,6 +241,25 @@ def test_cli_merge_and_errors(tmp_path, zoo, capsys):
     assert main(["methods"]) == 0 and "task_arithmetic" in capsys.readouterr().out
 
 
+def test_merge_command_in_its_own_process(tmp_path, zoo):
+    """The console entry point skips the interpreter's teardown after a merge: exit status, printed
+    line and the written checkpoint must be those of an in-process merge; failures keep their status."""
+    import subprocess
+    import sys
+
+    r = tmp_path / "r.yaml"
+    r.write_text(recipe_for(zoo))
+    cmd = [sys.executable, "-m", "evomerge", "merge", str(r), "-o", str(tmp_path / "o"), "-q"]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("wrote ") and "tensors, recipe" in p.stdout
+    ref, _ = merge(tmp_path, recipe_for(zoo), name="ref")
+    got, want = load_file(tmp_path / "o" / "model.safetensors"), load_file(ref / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    again = subprocess.run(cmd, capture_output=True, text=True)  # the output exists now
+    assert again.returncode == 2 and "error:" in again.stderr
+
+
 @pytest.mark.parametrize("method", ["task_arithmetic", "linear"])
 def test_chunked_elementwise_path_equals_whole_tensor_path(tmp_path, zoo, monkeypatch, method):
     import evomerge.merge as m
