@@ -11,7 +11,7 @@ from evomerge.errors import EvomergeError
 
 # Set by a command whose results are all on disk and fsynced when it returns (merge): the console entry
 # point then ends the process without the interpreter's teardown, which with torch loaded takes longer
-# than merging a small model (0.6-1.2 s measured on a 2-core machine).
+# than merging a small model (about 0.6 s measured on a 2-core machine).
 _DONE_ON_DISK = False
 
 
