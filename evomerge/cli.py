@@ -191,10 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return _run(argv)[0]
+    return _dispatch(argv)[0]
 
 
-def _run(argv: list[str] | None) -> tuple[int, argparse.Namespace]:
+def _dispatch(argv: list[str] | None) -> tuple[int, argparse.Namespace]:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -214,7 +214,7 @@ def entry() -> None:
     After a command whose output is all on disk and fsynced (merge), the process ends without the
     interpreter's teardown, which with torch loaded takes longer than merging a small model (about 0.6 s
     measured on a 2-core machine)."""
-    rc, args = _run(None)
+    rc, args = _dispatch(None)
     if rc == 0 and getattr(args, "done_on_disk", False):
         logging.shutdown()
         sys.stdout.flush()
