@@ -26,6 +26,7 @@ import argparse
 import hashlib
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -185,6 +186,10 @@ def main() -> int:
         print(f"\nper candidate, no extra delay (M2N2, {len(results)} candidates): "
               f"evaluate {ev * 1000:.0f} ms, "
               f"materialize {mat * 1000:.1f} ms, dispatch {disp * 1000:.1f} ms")
+        order = sorted(results, key=lambda r: r.order)
+        later = statistics.median(r.timings["materialize"] for r in order[1:]) if len(order) > 1 else float("nan")
+        print(f"materialize: first candidate {order[0].timings['materialize'] * 1000:.1f} ms (kernel compiles "
+              f"included), median of the rest {later * 1000:.1f} ms")
         print(f"overhead (dispatch + materialize) / evaluate: {over:.1%}; dispatch alone: {disp / ev:.1%}; "
               f"everything but scoring (round trip - evaluate): {rest * 1000:.1f} ms, {rest / ev:.1%}")
         print(f"load average now {os.getloadavg()[0]:.2f}")

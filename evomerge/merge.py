@@ -44,15 +44,23 @@ def _describe(plan: MergePlan, ref: InputRef) -> str:
     return f"tensor '{ref.name}' of model '{plan.model_names[ref.model]}'"
 
 
-def load_inputs(plan: MergePlan, job: TensorJob) -> list[torch.Tensor]:
-    """The job's inputs (sources, then base) in their stored dtype, on the CPU."""
+def load_inputs(plan: MergePlan, job: TensorJob, *, borrow: bool = False) -> list[torch.Tensor]:
+    """The job's inputs (sources, then base) in their stored dtype, on the CPU: owned copies, or with
+    ``borrow`` views of the mapped files where the checkpoints are mapped (read-only, see Checkpoint.borrow)."""
+    if borrow:
+        return [plan.checkpoints[r.model].borrow(r.name) for r in _refs(job)]
     return [plan.checkpoints[r.model].get(r.name, dtype=None) for r in _refs(job)]
 
 
 def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device | str = "cpu",
-                 raws: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """The merged value of one output tensor, on ``device``. ``raws``: inputs already loaded."""
-    raws = load_inputs(plan, job) if raws is None else raws
+                 raws: list[torch.Tensor] | None = None, *, borrow: bool = False) -> torch.Tensor:
+    """The merged value of one output tensor, on ``device``. ``raws``: inputs already loaded.
+
+    ``borrow``: the inputs (``raws``, or what is read when none are given) may be shared, read-only
+    tensors such as views of mapped checkpoint files; they are copied before anything writes into them,
+    and the result of a plain copy job may itself view them (read it, never write it).
+    """
+    raws = load_inputs(plan, job, borrow=borrow) if raws is None else raws
     if job.copy:
         return raws[0].to(device)
     structure = _fused_structure(plan, job, raws)
@@ -62,7 +70,7 @@ def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device | str = "
         if out is not None:
             return out
     start = time.perf_counter()
-    out = _merge_eager(plan, job, device, raws)
+    out = _merge_eager(plan, job, device, raws, borrow)
     if structure is not None and numel >= fused.MIN_NUMEL:
         fused.note_eager(structure, time.perf_counter() - start)
     return out
@@ -98,7 +106,8 @@ def _merge_fused(plan: MergePlan, job: TensorJob, raws: list[torch.Tensor],
         return None
 
 
-def _merge_eager(plan: MergePlan, job: TensorJob, device: torch.device | str, raws: list[torch.Tensor]) -> torch.Tensor:
+def _merge_eager(plan: MergePlan, job: TensorJob, device: torch.device | str, raws: list[torch.Tensor],
+                 borrow: bool = False) -> torch.Tensor:
     """Eager torch: chunk loops for large tensors of chunkable methods, else the whole tensor in float32."""
     if job.vocab_rows is None and job.out.nbytes > 4 * CHUNK:
         if plan.method.elementwise:
@@ -108,9 +117,13 @@ def _merge_eager(plan: MergePlan, job: TensorJob, device: torch.device | str, ra
     refs = _refs(job)
     loaded = []
     for ref, raw in zip(refs, raws, strict=True):
-        x = raw.to(device=device, dtype=torch.float32)
-        _finite(x, _describe(plan, ref))
-        loaded.append(x)  # the raw tensor is ours alone: kernels may work in place either way
+        # a borrowed input is copied (one cast-copy); an owned one is ours alone, cast or not
+        x = raw.to(device=device, dtype=torch.float32, copy=borrow)
+        checked = plan.checkpoints[ref.model].finite
+        if ref.name not in checked:  # once per tensor while its file is unchanged (a search re-reads them)
+            _finite(x, _describe(plan, ref))
+            checked.add(ref.name)
+        loaded.append(x)  # kernels may work in place
     raws.clear()  # drop the stored-dtype copies before the kernel allocates (the caller's list too)
     xs, base = loaded[: len(job.inputs)], (loaded[-1] if job.base else None)
     full_rows = None

@@ -392,3 +392,44 @@ def test_nan_input_is_named_on_the_compiled_path(tmp_path, zoo, monkeypatch):
     with pytest.raises(NonFiniteError, match=r"up_proj.weight' of model '.*nan' contains NaN or infinity"):
         merge(tmp_path, recipe_for(zoo).replace(str(zoo["e2"]), str(bad)))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method,params", [
+    ("task_arithmetic", ""), ("linear", ""), ("ties", ", density: 0.5"), ("dare_ties", ", density: 0.5"),
+    ("della", ", density: 0.5, epsilon: 0.1"), ("breadcrumbs", ", density: 0.6, gamma: 0.1"),
+    ("slerp", ""), ("model_stock", ""), ("karcher", ""), ("tsv", ""), ("consensus", ""),
+])
+def test_borrowed_sources_are_never_written(tmp_path, zoo, method, params):
+    """A search merges straight from views of the mapped source files (borrow=True). Kernels that work in
+    place must get copies: the next candidate would otherwise read what the last one wrote."""
+    from evomerge.checkpoint.reader import CheckpointCache
+    from evomerge.merge import merge_tensor
+    from evomerge.recipe.schema import Recipe
+
+    text = f"method: {method}\nbase: {zoo['base']}\nsources:\n" + "".join(
+        f"  - {{model: {zoo[m]}, parameters: {{weight: 0.6{params}}}}}\n" for m in ("e1", "e2"))
+    if method == "slerp":
+        text = f"method: slerp\nsources: [{{model: {zoo['e1']}}}, {{model: {zoo['e2']}}}]\nparameters: {{t: 0.3}}\n"
+    if method == "model_stock":  # no parameters
+        text = text.replace(", parameters: {weight: 0.6}", "")
+    (tmp_path / "r.yaml").write_text(text)
+    recipe, root = load_recipe(tmp_path / "r.yaml")
+    assert isinstance(recipe, Recipe)
+    cache = CheckpointCache()
+    try:
+        plan = build_plan(recipe, root, checkpoints=cache)
+        first = {j.out.name: merge_tensor(plan, j, borrow=True).clone() for j in plan.jobs}
+        second = {j.out.name: merge_tensor(plan, j, borrow=True) for j in plan.jobs}
+        for ck in plan.checkpoints:
+            with Checkpoint(ck.path) as plain:  # the mapped bytes still hold the files' values
+                for name in ck.names:
+                    assert torch.equal(ck.borrow(name), plain.get(name, dtype=None)), (ck.path.name, name)
+        plan.close()
+    finally:
+        cache.close()
+    _, fresh = merge(tmp_path, text, "fresh")
+    out = load_file(tmp_path / "fresh" / "model.safetensors")
+    for name, value in second.items():
+        assert torch.equal(first[name], value), name
+        # run_merge computes with one thread fewer: reductions (model stock, TSV's SVD) may round differently
+        torch.testing.assert_close(out[name], value.to(out[name].dtype), rtol=1e-5, atol=1e-6, msg=name)

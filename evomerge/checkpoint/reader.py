@@ -92,6 +92,9 @@ class Checkpoint:
         self._fds: dict[Path, int] = {}
         self._maps: dict[Path, torch.Tensor] = {}  # weight file -> its bytes, memory-mapped (mapped=True)
         self._views: dict[str, torch.Tensor | None] = {}  # name -> its bytes in _maps; None: pread it
+        # Names whose values a merge has found finite in this opening of the files (a checkpoint that
+        # changes on disk is opened afresh by CheckpointCache, with an empty set).
+        self.finite: set[str] = set()
         self._pickled: dict[Path, dict] = {}
         self._meta = self._index(allow_pickle)
 
@@ -216,6 +219,18 @@ class Checkpoint:
             return raw
         return raw.to(device=device, dtype=dtype or m.dtype)
 
+    def borrow(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` in its stored dtype, without a copy where the file is mapped (``mapped=True``).
+
+        The result may view the file's private mapping, which later calls share: read it, never write
+        into it. Unmapped, pickled or unaligned tensors come as owned copies (``get``).
+        """
+        if self.mapped and self.meta(name).file not in self._pickled:
+            view = self._views[name] if name in self._views else self._mapped_view(name, self._meta[name])
+            if view is not None:
+                return view
+        return self.get(name, dtype=None)
+
     def _mapped_view(self, name: str, m: TensorMeta) -> torch.Tensor | None:
         """The tensor ``name`` in its file's private mapping (never written, remembered), or None where the
         offset is not aligned to the dtype (then ``get`` reads with pread)."""
@@ -245,7 +260,8 @@ class Checkpoint:
             os.close(fd)
         self._fds.clear()
         self._views.clear()
-        self._maps.clear()  # unmapped once no tensor views them (get only hands out copies)
+        self.finite.clear()
+        self._maps.clear()  # unmapped once no tensor views them (what borrow handed out keeps its pages)
         self._pickled.clear()
 
     def __enter__(self):

@@ -9,8 +9,9 @@ compiled kernel; kernels are cached per structure and thread count for the life 
 
 When: ``EVOMERGE_COMPILE=0`` never; ``=1`` for every tensor of at least MIN_NUMEL entries; unset (auto):
 once a structure has spent AUTO_AFTER_S seconds in the eager chunk loops of this process, so a one-off
-small merge never pays the compile latency (seconds) while long merges and a search's repeated
-materializations do. Any compile or run failure disables compiled kernels for the process with one
+small merge never pays the compile latency (seconds) while long merges do; a process that declares it
+will merge the same structures over and over (a search's evaluator, ``expect_repeats``) compiles each
+structure at its first large tensor. Any compile or run failure disables compiled kernels for the process with one
 warning, and the tensor is merged eagerly (``Unavailable``).
 
 Agreement with eager: the kernels apply the eager operations in the same order, except that eager torch
@@ -43,6 +44,7 @@ stats = {"compile_s": 0.0, "kernels": 0, "calls": 0}  # compile latency (first c
 _kernels: dict[tuple, _Compiled] = {}
 _eager_s: dict[tuple, float] = defaultdict(float)
 _disabled: str | None = None  # why compiled kernels are off for this process
+_repeats = False  # expect_repeats() was called: auto mode compiles at once
 
 
 class Unavailable(RuntimeError):
@@ -76,13 +78,20 @@ def chunk_size(device: torch.device) -> int:
     return CUDA_CHUNK if device.type == "cuda" else CHUNK
 
 
+def expect_repeats() -> None:
+    """Declare that this process merges the same kernel structures many times (a search's evaluator): in
+    auto mode each structure is compiled at its first large tensor instead of after AUTO_AFTER_S seconds."""
+    global _repeats
+    _repeats = True
+
+
 def wanted(structure: tuple, numel: int, device: torch.device) -> bool:
     """Whether to merge a tensor of ``numel`` entries with the compiled kernels of ``structure`` on ``device``
     (CPU or CUDA)."""
     m = mode()
     if m == "0" or device.type not in ("cpu", "cuda") or numel < MIN_NUMEL:
         return False
-    if m == "auto" and _eager_s[structure] < AUTO_AFTER_S:
+    if m == "auto" and not _repeats and _eager_s[structure] < AUTO_AFTER_S:
         return False
     return _supported()
 

@@ -96,7 +96,11 @@ class InProcessEvaluator:
     def resident(self):
         if self._backend is None:
             from evomerge.checkpoint.reader import CheckpointCache
+            from evomerge.kernels import fused
+            from evomerge.util.memory import reuse_large_allocations
 
+            fused.expect_repeats()  # every candidate merges the same kernel structures
+            reuse_large_allocations()  # each candidate's merged tensors reuse the last one's freed memory
             if self._checkpoints is None:
                 self._checkpoints = CheckpointCache()
             ck = self._checkpoints.open(self.reference)
@@ -125,7 +129,8 @@ class InProcessEvaluator:
             if in_place:
                 # merged on the backend's device when it is an accelerator (no host round trip)
                 device = self.device if self.device.startswith("cuda") else "cpu"
-                tensors = {job.out.name: merge_tensor(plan, job, device) for job in plan.jobs}
+                # sources read straight from the cached mappings; the backend copies every result
+                tensors = {job.out.name: merge_tensor(plan, job, device, borrow=True) for job in plan.jobs}
                 backend.load_weights(tensors)
                 del tensors
                 materialized = time.perf_counter()

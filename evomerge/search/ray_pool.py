@@ -230,11 +230,12 @@ class RayExecutor:
             if slot.busy is None:
                 key, recipe = self._queue.popleft()
                 lineage = {h: r for h, r in lineage_recipes(recipe, self.store).items() if h not in slot.known}
+                sent = time.perf_counter()  # before the call: the actor may start before it returns
                 ref = slot.handle.evaluate.remote(recipe, lineage)
                 slot.known.update(lineage)
                 slot.busy = key
                 self._pending[ref] = (key, recipe, slot)
-                self._sent[ref] = time.perf_counter()
+                self._sent[ref] = sent
 
     def next_finished(self):
         while True:

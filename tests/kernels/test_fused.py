@@ -144,6 +144,7 @@ def test_compile_failure_falls_back_to_eager_once(monkeypatch, caplog):
 
 
 def test_when_compiled_kernels_are_used(monkeypatch):
+    monkeypatch.setattr(fused, "_repeats", False)  # as in a process that is no search evaluator
     cpu = torch.device("cpu")
     key = ("test-structure",)
     assert fused.wanted(key, fused.MIN_NUMEL, cpu) and not fused.wanted(key, fused.MIN_NUMEL - 1, cpu)
@@ -154,6 +155,13 @@ def test_when_compiled_kernels_are_used(monkeypatch):
     assert not fused.wanted(key, 1 << 30, cpu)
     fused.note_eager(key, fused.AUTO_AFTER_S)
     assert fused.wanted(key, 1 << 30, cpu)
+    # a search's evaluator compiles every structure at its first large tensor
+    other = ("another-structure",)
+    assert not fused.wanted(other, 1 << 30, cpu)
+    fused.expect_repeats()
+    assert fused.wanted(other, 1 << 30, cpu) and not fused.wanted(other, fused.MIN_NUMEL - 1, cpu)
+    monkeypatch.setenv(fused.ENV, "0")
+    assert not fused.wanted(other, 1 << 30, cpu)
 
 
 @pytest.mark.gpu

@@ -114,3 +114,36 @@ def test_a_source_changed_on_disk_is_read_afresh(models, tasks, tmp_path, change
     finally:
         fresh.close()
     assert first.results["zoo_add"]["search"].item_ids == second.results["zoo_add"]["search"].item_ids
+
+
+def test_sources_are_checked_for_nan_once_per_version_of_their_files(models, tasks, tmp_path, monkeypatch):
+    import evomerge.merge as m
+    from evomerge.errors import NonFiniteError
+
+    checked = []
+    real = m._finite
+
+    def counting(t, what):
+        checked.append(what)
+        real(t, what)
+
+    monkeypatch.setattr(m, "_finite", counting)
+    r = recipe(models, 0.8, 0.5)
+    ev = InProcessEvaluator(tasks, models["base"], scratch=tmp_path / "scratch")
+    try:
+        ev.evaluate(r)
+        inputs = [w for w in checked if " of model " in w]
+        assert len(inputs) == len(set(inputs)) > 0  # each source tensor once
+        checked.clear()
+        ev.evaluate(recipe(models, 0.3, 0.9))
+        assert checked and not [w for w in checked if " of model " in w]  # files unchanged: outputs only
+        # A NaN in a file replaced since: the new version is checked, and the bad input named.
+        weights = models["add"] / "model.safetensors"
+        sd = load_file(weights)
+        name = next(n for n in sd if "mlp" in n)
+        sd[name].view(-1)[0] = float("nan")
+        _replace_by_rename(weights, sd)
+        with pytest.raises(NonFiniteError, match=f"tensor '{name}' of model"):
+            ev.evaluate(r)
+    finally:
+        ev.close()
