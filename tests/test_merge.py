@@ -277,6 +277,39 @@ def test_chunked_elementwise_path_equals_whole_tensor_path(tmp_path, zoo, monkey
     assert (whole / "model.safetensors").read_bytes() == (chunked / "model.safetensors").read_bytes()
 
 
+@pytest.mark.parametrize("other", ["e2", "e1"])  # e1 with itself: parallel, the lerp fallback
+def test_chunked_slerp_equals_whole_tensor_slerp(tmp_path, zoo, monkeypatch, other):
+    import evomerge.merge as m
+
+    monkeypatch.setattr("evomerge.kernels.geometric.STAT_CHUNK", 48)  # partial sums over several chunks
+    text = (f"method: slerp\nsources: [{{model: {zoo['e1']}}}, {{model: {zoo[other]}}}]\n"
+            "parameters: {t: [0.2, 0.9]}\ndtype: bfloat16\n")
+    monkeypatch.setattr(m, "CHUNK", 1 << 30)
+    whole, _ = merge(tmp_path, text, "whole")
+    calls = []
+    real = m._merge_slerp_chunked
+    monkeypatch.setattr(m, "_merge_slerp_chunked", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(m, "CHUNK", 64)
+    chunked_out, _ = merge(tmp_path, text, "chunked")
+    assert calls  # the chunked path ran
+    assert (whole / "model.safetensors").read_bytes() == (chunked_out / "model.safetensors").read_bytes()
+
+
+def test_nan_input_is_named_on_the_chunked_slerp_path(tmp_path, zoo, monkeypatch):
+    import evomerge.merge as m
+
+    monkeypatch.setattr(m, "CHUNK", 64)
+    bad = tmp_path / "nan"
+    shutil.copytree(zoo["e2"], bad)
+    sd = load_file(bad / "model.safetensors")
+    sd["model.layers.2.mlp.down_proj.weight"][1, 5] = float("nan")
+    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    text = f"method: slerp\nsources: [{{model: {zoo['e1']}}}, {{model: {bad}}}]\nparameters: {{t: 0.5}}\n"
+    with pytest.raises(NonFiniteError, match=r"down_proj.weight' of model '.*nan' contains NaN or infinity"):
+        merge(tmp_path, text)
+    assert not (tmp_path / "out").exists()
+
+
 def test_nan_input_is_named_on_the_chunked_path(tmp_path, zoo, monkeypatch):
     import evomerge.merge as m
 

@@ -39,17 +39,48 @@ class SlerpParams(MethodParams):
     t: float = param(0.5, ge=0.0, le=1.0, search=(0.0, 1.0), doc="0 gives the first source, 1 the second")
 
 
-def slerp_tensors(t: float, a: torch.Tensor, c: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Spherical interpolation of two whole tensors; falls back to lerp when nearly (anti)parallel or zero."""
-    na, nc = a.norm(), c.norm()
+STAT_CHUNK = 1 << 18  # entries per float64 partial sum of slerp's norms and dot product (every path alike)
+
+
+def slerp_stats(a: torch.Tensor, c: torch.Tensor) -> tuple[float, float, float]:
+    """|a|, |c| and a.c, accumulated in float64 over fixed chunks of the flattened tensors (any float dtype).
+
+    The chunks are the same whether the tensors are whole float32 copies or stored-dtype views merged
+    chunk by chunk, so both paths find the same coefficients and give the same bits.
+    """
+    fa, fc = a.reshape(-1), c.reshape(-1)
+    aa = cc = ac = 0.0
+    for start in range(0, fa.numel(), STAT_CHUNK):
+        x = fa[start:start + STAT_CHUNK].to(torch.float64)
+        y = fc[start:start + STAT_CHUNK].to(torch.float64)
+        aa += float(torch.dot(x, x))
+        cc += float(torch.dot(y, y))
+        ac += float(torch.dot(x, y))
+    return math.sqrt(aa), math.sqrt(cc), ac
+
+
+def slerp_coefficients(t: float, a: torch.Tensor, c: torch.Tensor, eps: float = 1e-8) -> tuple[float, float] | None:
+    """(s_a, s_c) with slerp = s_a a + s_c c; None where slerp falls back to lerp (nearly (anti)parallel or
+    zero tensors). NaN when an input is not finite."""
+    na, nc, ac = slerp_stats(a, c)
+    if not math.isfinite(na + nc + ac):
+        return (math.nan, math.nan)
     if na <= eps or nc <= eps:
-        return torch.lerp(a, c, t)
-    dot = float(torch.dot(a.reshape(-1), c.reshape(-1)) / (na * nc))
+        return None
+    dot = ac / (na * nc)
     if abs(dot) > DOT_THRESHOLD:
-        return torch.lerp(a, c, t)
+        return None
     omega = math.acos(max(-1.0, min(1.0, dot)))
     sin_omega = math.sin(omega)
-    return a.mul_(math.sin((1.0 - t) * omega) / sin_omega).add_(c, alpha=math.sin(t * omega) / sin_omega)
+    return math.sin((1.0 - t) * omega) / sin_omega, math.sin(t * omega) / sin_omega
+
+
+def slerp_tensors(t: float, a: torch.Tensor, c: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Spherical interpolation of two whole tensors; falls back to lerp when nearly (anti)parallel or zero."""
+    coef = slerp_coefficients(t, a, c, eps)
+    if coef is None:
+        return torch.lerp(a, c, t)
+    return a.mul_(coef[0]).add_(c, alpha=coef[1])
 
 
 @register("slerp", global_params=SlerpParams, base="none", min_models=2, max_models=2,
