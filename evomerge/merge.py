@@ -23,6 +23,7 @@ from evomerge.checkpoint.writer import CheckpointWriter, output_config
 from evomerge.errors import NonFiniteError
 from evomerge.kernels import chunked, fused, geometric
 from evomerge.kernels.select import BLOCK
+from evomerge.kernels.taskvector import TaskVectorPipeline
 from evomerge.plan import InputRef, MergePlan, TensorJob
 
 log = logging.getLogger(__name__)
@@ -63,15 +64,15 @@ def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device | str = "
     raws = load_inputs(plan, job, borrow=borrow) if raws is None else raws
     if job.copy:
         return raws[0].to(device)
-    structure = _fused_structure(plan, job, raws)
     numel = math.prod(job.out.shape)
+    structure = _fused_structure(plan, job, raws) if numel >= fused.MIN_NUMEL else None
     if structure is not None and fused.wanted(structure, numel, torch.device(device)):
         out = _merge_fused(plan, job, raws, torch.device(device))
         if out is not None:
             return out
     start = time.perf_counter()
     out = _merge_eager(plan, job, device, raws, borrow)
-    if structure is not None and numel >= fused.MIN_NUMEL:
+    if structure is not None:
         fused.note_eager(structure, time.perf_counter() - start)
     return out
 
@@ -118,9 +119,10 @@ def _merge_eager(plan: MergePlan, job: TensorJob, device: torch.device | str, ra
             return _merge_slerp_chunked(plan, job, [r.to(device) for r in raws])
     refs = _refs(job)
     loaded = []
+    # A borrowed input is copied (one cast-copy) unless the kernel only reads its inputs; an owned one is ours.
+    copy = borrow and not _reads_only(plan, job)
     for ref, raw in zip(refs, raws, strict=True):
-        # a borrowed input is copied (one cast-copy); an owned one is ours alone, cast or not
-        x = raw.to(device=device, dtype=torch.float32, copy=borrow)
+        x = raw.to(device=device, dtype=torch.float32, copy=copy)
         checked = plan.checkpoints[ref.model].finite
         if ref.name not in checked:  # once per tensor while its file is unchanged (a search re-reads them)
             _finite(x, _describe(plan, ref))
@@ -142,6 +144,14 @@ def _merge_eager(plan: MergePlan, job: TensorJob, device: torch.device | str, ra
         out = full_rows
     _finite(out, f"the merged tensor '{job.out.name}' (method {plan.method.name})")
     return out
+
+
+def _reads_only(plan: MergePlan, job: TensorJob) -> bool:
+    """Whether the method never writes into its inputs for this job: the one-pass form of elementwise
+    task arithmetic (base times one coefficient plus weighted sources, into a new tensor)."""
+    fn = plan.method.fn
+    return (isinstance(fn, TaskVectorPipeline) and fn.elementwise
+            and fn.one_pass_coefficients(job.model_params, job.global_params) is not None)
 
 
 def _merge_chunked(plan: MergePlan, job: TensorJob, raws: list[torch.Tensor]) -> torch.Tensor:
