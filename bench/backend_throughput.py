@@ -210,12 +210,21 @@ def main() -> int:
     ap.add_argument("--loads", type=int, default=2, help="fresh loads per backend (median)")
     ap.add_argument("--kv-mib", type=int, default=512, help="vLLM KV cache size in MiB")
     ap.add_argument("--max-model-len", type=int, default=2048)
-    ap.add_argument("--hf-threads", type=int, default=max(1, _usable_cpus() - 1),
-                    help="torch threads for HFBackend (default: usable CPUs - 1, vLLM-CPU's worker share)")
+    ap.add_argument(
+        "--hf-threads",
+        type=int,
+        default=max(1, _usable_cpus() - 1),
+        help="torch threads for HFBackend (default: usable CPUs - 1, vLLM-CPU's worker share)",
+    )
     ap.add_argument("--backends", nargs="+", default=["hf", "vllm"], choices=["hf", "vllm"])
-    ap.add_argument("--device", default="cpu", help="HFBackend's device (cpu, cuda); vLLM picks its own platform")
-    ap.add_argument("--dtype", default=None,
-                    help="HFBackend's dtype (default: float32 on CPU, the checkpoint's dtype on an accelerator)")
+    ap.add_argument(
+        "--device", default="cpu", help="HFBackend's device (cpu, cuda); vLLM picks its own platform"
+    )
+    ap.add_argument(
+        "--dtype",
+        default=None,
+        help="HFBackend's dtype (default: float32 on CPU, the checkpoint's dtype on an accelerator)",
+    )
     ap.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = ap.parse_args()
 
@@ -253,8 +262,9 @@ def main() -> int:
 
         torch.set_num_threads(args.hf_threads)
 
-        results["hf"] = measure(lambda: HFBackend(model, device=args.device, dtype=args.dtype), task, args.split,
-                                a, b, args)
+        results["hf"] = measure(
+            lambda: HFBackend(model, device=args.device, dtype=args.dtype), task, args.split, a, b, args
+        )
     if "vllm" in args.backends:
         from evomerge.fitness.backends.vllm import VLLMBackend
 
@@ -290,8 +300,10 @@ def report(args, model: Path, task, b_name: str, a: dict, load_avg, results: dic
     cpus = os.cpu_count()
     affinity = _usable_cpus()
     print(f"command: {' '.join(shlex.quote(x) for x in [Path(sys.executable).name, *sys.argv])}")
-    print(f"machine: {platform.machine()}, {cpus} CPUs ({affinity} usable), load average "
-          f"{load_avg[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end; {versions}")
+    print(
+        f"machine: {platform.machine()}, {cpus} CPUs ({affinity} usable), load average "
+        f"{load_avg[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end; {versions}"
+    )
     compute = []
     if "hf" in results:
         device = args.device
@@ -301,49 +313,75 @@ def report(args, model: Path, task, b_name: str, a: dict, load_avg, results: dic
             device += f" ({torch.cuda.get_device_name()})"
         compute.append(f"hf in this process on {device} with {results['hf']['threads']} torch threads")
     if "vllm" in results:
-        env = ", ".join(f"{k}={os.environ.get(k, 'unset')}" for k in
-                        ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU"))
+        env = ", ".join(
+            f"{k}={os.environ.get(k, 'unset')}"
+            for k in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU")
+        )
         compute.append(f"vllm worker pinned to cores {results['vllm']['worker_cores']} ({env})")
     print("compute: " + "; ".join(compute))
-    print(f"model: {model} ({n_params / 1e6:.0f}M parameters, {dtype} on disk); task {task.name} "
-          f"split {args.split!r}: {next(iter(results.values()))['items']} items")
-    print(f"medians of: {args.loads} fresh loads, {args.repeats} evaluations after 1 warm-up, "
-          f"{2 * args.updates} updates (alternating {b_name} / A)")
+    print(
+        f"model: {model} ({n_params / 1e6:.0f}M parameters, {dtype} on disk); task {task.name} "
+        f"split {args.split!r}: {next(iter(results.values()))['items']} items"
+    )
+    print(
+        f"medians of: {args.loads} fresh loads, {args.repeats} evaluations after 1 warm-up, "
+        f"{2 * args.updates} updates (alternating {b_name} / A)"
+    )
     print()
-    print(f"{'backend':8s} {'load s':>8s} {'eval s':>8s} {'items/s':>8s} {'score':>6s} {'update s':>9s} "
-          f"{'update/load':>11s}")
+    print(
+        f"{'backend':8s} {'load s':>8s} {'eval s':>8s} {'items/s':>8s} {'score':>6s} {'update s':>9s} "
+        f"{'update/load':>11s}"
+    )
     for name, r in results.items():
-        print(f"{name:8s} {r['load']:8.2f} {r['eval']:8.2f} {r['items'] / r['eval']:8.2f} {r['score']:6.2f} "
-              f"{r['update']:9.3f} {r['update'] / r['load']:11.1%}")
+        print(
+            f"{name:8s} {r['load']:8.2f} {r['eval']:8.2f} {r['items'] / r['eval']:8.2f} {r['score']:6.2f} "
+            f"{r['update']:9.3f} {r['update'] / r['load']:11.1%}"
+        )
     if {"hf", "vllm"} <= results.keys():
         hf, vl = results["hf"], results["vllm"]
         same = sum(x == y for x, y in zip(hf["scores"], vl["scores"], strict=True))
         texts = sum(x == y for x, y in zip(hf["responses"], vl["responses"], strict=True))
-        print(f"vllm/hf throughput: {hf['eval'] / vl['eval']:.2f}x; vllm/hf fresh load: "
-              f"{vl['load'] / hf['load']:.2f}x; same per-item score: {same}/{len(hf['scores'])}"
-              + (f"; identical responses: {texts}/{len(hf['responses'])}" if hf["responses"] else ""))
+        print(
+            f"vllm/hf throughput: {hf['eval'] / vl['eval']:.2f}x; vllm/hf fresh load: "
+            f"{vl['load'] / hf['load']:.2f}x; same per-item score: {same}/{len(hf['scores'])}"
+            + (f"; identical responses: {texts}/{len(hf['responses'])}" if hf["responses"] else "")
+        )
     for name, r in results.items():
-        print(f"{name} raw s: loads {_fmt(r['loads'])}; evals {_fmt(r['evals'])}; updates {_fmt(r['updates'])}")
+        print(
+            f"{name} raw s: loads {_fmt(r['loads'])}; evals {_fmt(r['evals'])}; updates {_fmt(r['updates'])}"
+        )
     for name, r in results.items():
         if r["engine_parts"] and r["engine_parts"][0]:
             rpc = [p.get("collective_rpc", 0.0) for p in r["engine_parts"]]
             reset = [p.get("reset_prefix_cache", 0.0) for p in r["engine_parts"]]
             driver = [u - x - y for u, x, y in zip(r["updates"], rpc, reset, strict=True)]
             med = statistics.median
-            print(f"{name} update parts (medians): driver {med(driver):.3f} s (validate, cast-copy into the "
-                  f"shared file), workers' reload {med(rpc):.3f} s, prefix-cache reset {med(reset):.3f} s")
+            print(
+                f"{name} update parts (medians): driver {med(driver):.3f} s (validate, cast-copy into the "
+                f"shared file), workers' reload {med(rpc):.3f} s, prefix-cache reset {med(reset):.3f} s"
+            )
     print()
     print("update check (summed log-prob of " + ", ".join(repr(x) for _, x in CHECKS) + "):")
     for name, r in results.items():
         c = r["checks"]
-        print(f"  {name:6s} A " + " ".join(f"{v:8.3f}" for v in c["A"]) + " | B " +
-              " ".join(f"{v:8.3f}" for v in c["B"]) + " | A again " + " ".join(f"{v:8.3f}" for v in c["A again"]))
-    ok = all(max(abs(x - y) for x, y in zip(r["checks"]["A"], r["checks"]["A again"], strict=True)) < 1e-3
-             and max(abs(x - y) for x, y in zip(r["checks"]["A"], r["checks"]["B"], strict=True)) > 1e-3
-             for r in results.values())
+        print(
+            f"  {name:6s} A "
+            + " ".join(f"{v:8.3f}" for v in c["A"])
+            + " | B "
+            + " ".join(f"{v:8.3f}" for v in c["B"])
+            + " | A again "
+            + " ".join(f"{v:8.3f}" for v in c["A again"])
+        )
+    ok = all(
+        max(abs(x - y) for x, y in zip(r["checks"]["A"], r["checks"]["A again"], strict=True)) < 1e-3
+        and max(abs(x - y) for x, y in zip(r["checks"]["A"], r["checks"]["B"], strict=True)) > 1e-3
+        for r in results.values()
+    )
     if {"hf", "vllm"} <= results.keys():
-        gap = max(abs(x - y) for x, y in zip(results["hf"]["checks"]["B"], results["vllm"]["checks"]["B"],
-                                              strict=True))
+        gap = max(
+            abs(x - y)
+            for x, y in zip(results["hf"]["checks"]["B"], results["vllm"]["checks"]["B"], strict=True)
+        )
         ok = ok and gap < 1e-2
         print(f"  vllm vs hf after loading B: max |difference| {gap:.2e}")
     print(f"  updates take effect and A comes back: {'yes' if ok else 'NO'}")

@@ -98,36 +98,35 @@ def strategies(zoo: Zoo) -> dict[str, tuple[dict, dict]]:
     }
 
 
-def held_items(results: dict, cfg) -> np.ndarray:
-    """Every task's held-out per-item scores (mapped into [0, 1]) of one journaled result, in task order."""
+def _items(pairs) -> np.ndarray:
+    """Per-item scores mapped into [0, 1], concatenated over (metric, scores) pairs in task order."""
     from evomerge.search.store import item_scores
 
-    names = list(results)  # journaled in the config's task order
-    return np.concatenate([item_scores(results[n][t.heldout_split]["metric"], results[n][t.heldout_split]["scores"])
-                           for n, t in zip(names, cfg.tasks, strict=True)])
+    return np.concatenate([item_scores(metric, scores) for metric, scores in pairs])
+
+
+def held_items(results: dict, cfg) -> np.ndarray:
+    """Every task's held-out per-item scores of one journaled result (JSON), in the config's task order."""
+    splits = (results[n][t.heldout_split] for n, t in zip(results, cfg.tasks, strict=True))
+    return _items((r["metric"], r["scores"]) for r in splits)
 
 
 def scored_items(res: dict, tasks) -> np.ndarray:
     """The same from ``evaluator.score``'s output (EvalResult objects)."""
-    from evomerge.search.store import item_scores
-
-    return np.concatenate([item_scores(res[t.task.name][t.heldout_split].metric,
-                                       res[t.task.name][t.heldout_split].scores) for t in tasks])
+    return _items((r.metric, r.scores) for r in (res[t.task.name][t.heldout_split] for t in tasks))
 
 
 def pick(run_dir: Path, cfg) -> dict:
     """The best-on-search candidate's held-out items, its search scalar, and the held-out hypervolumes."""
+    from evomerge.search.archive_view import load_archive
     from evomerge.search.pareto import hypervolume
-    from evomerge.search.report import scored
-    from evomerge.search.store import read_run
 
-    view = read_run(run_dir)
-    items = scored(view, cfg)
-    best = max(items, key=lambda s: (s.scalar, -s.order))
-    points = np.array([s.heldout for s in items if s.heldout is not None])
+    av = load_archive(run_dir)
+    best = max(av.candidates, key=lambda e: (av.mean(e), -e.order))
+    points = np.array([e.heldout for e in av.candidates if e.heldout is not None])
     pairs = [hypervolume(points[:, [i, j]]) for i, j in itertools.combinations(range(points.shape[1]), 2)]
-    return {"held": held_items(view.results[best.recipe_hash].results, cfg), "search": best.scalar,
-            "hv": hypervolume(points), "hv_pairs": float(np.mean(pairs)), "evaluations": len(items)}
+    return {"held": held_items(av.run.results[best.recipe_hash].results, cfg), "search": av.mean(best),
+            "hv": hypervolume(points), "hv_pairs": float(np.mean(pairs)), "evaluations": len(av.candidates)}
 
 
 def baselines(zoo: Zoo, args) -> dict[str, np.ndarray]:
