@@ -12,14 +12,15 @@ behind a barrier that dispatches a batch of `workers` candidates and waits for a
 generation-barrier baseline).
 
 Utilization = sum of the actors' busy time (materialize + evaluate, as each actor measured it) /
-(workers x wall time from the first dispatch to the last result). Overhead per candidate = (driver
-round trip - actor busy time) + materialization, as a share of the evaluation time, measured without the
-artificial delay (on the tiny zoo one evaluation takes a fraction of a second, so fixed costs weigh more
-than they would on a real model). Also printed: everything but scoring, (driver round trip - evaluation)
-/ evaluation, which counts what the actor does outside both timed phases as well. ``--rows overhead``
-runs only that last measurement. The overhead measurement uses one actor fewer than ``--workers`` (at
-least one) unless ``--overhead-workers`` says otherwise: the driver then has a core of its own, as on a cluster's head node,
-and the dispatch time measures Ray's round trip rather than the driver waiting for a busy core.
+(workers x wall time from the first dispatch to the last result); evaluations per hour = evaluations /
+that wall time. Overhead per candidate = (driver round trip - actor busy time) + materialization, as a
+share of the evaluation time, measured without the artificial delay (on the tiny zoo one evaluation
+takes a fraction of a second, so fixed costs weigh more than they would on a real model). Also printed:
+everything but scoring, (driver round trip - evaluation) / evaluation, which counts what the actor does
+outside both timed phases as well. ``--rows overhead`` runs only that last measurement. It uses one
+actor fewer than ``--workers`` (at least one) unless ``--overhead-workers`` says otherwise: the driver
+then has a core of its own, as on a cluster's head node, and the dispatch time measures Ray's round
+trip rather than the driver waiting for a busy core.
 """
 
 from __future__ import annotations
@@ -176,12 +177,13 @@ def main() -> int:
             (f"CMA-ES (popsize {2 * w})", {"name": "cmaes", "settings": {"popsize": 2 * w}})]
     try:
         if args.rows == "all":
-            print(f"{'search':36s} {'loop':9s} {'utilization':>11s} {'wall s':>7s}")
+            print(f"{'search':36s} {'loop':9s} {'utilization':>11s} {'wall s':>7s} {'evals/hour':>10s}")
         for label, opt in rows if args.rows == "all" else []:
             for barrier in (False, True):
                 name = f"{opt['name']}-{'barrier' if barrier else 'async'}"
                 util, wall, _, _ = measure(zoo, root, name, opt, args.budget, w, args.delay, barrier)
-                print(f"{label:36s} {'barrier' if barrier else 'async':9s} {util:11.1%} {wall:7.1f}")
+                print(f"{label:36s} {'barrier' if barrier else 'async':9s} {util:11.1%} {wall:7.1f} "
+                      f"{args.budget / wall * 3600:10.0f}")
         ow = args.overhead_workers or max(1, w - 1)
         util, wall, over, results = measure(zoo, root, "overhead", rows[0][1], args.budget, ow, 0.0, False)
         ev = sum(r.timings["evaluate"] for r in results) / len(results)
@@ -197,6 +199,8 @@ def main() -> int:
               f"included), median of the rest {later * 1000:.1f} ms")
         print(f"overhead (dispatch + materialize) / evaluate: {over:.1%}; dispatch alone: {disp / ev:.1%}; "
               f"everything but scoring (round trip - evaluate): {rest * 1000:.1f} ms, {rest / ev:.1%}")
+        print(f"search throughput without extra delay: {len(results) / wall * 3600:.0f} evaluations per hour "
+              f"({ow} actor(s), utilization {util:.1%})")
         print(f"load average now {os.getloadavg()[0]:.2f}")
     finally:
         ray.shutdown()
