@@ -178,12 +178,18 @@ def test_different_layer_counts(tmp_path, zoo):
         merge(tmp_path, recipe_for(zoo).replace(str(zoo["e2"]), str(zoo["deep"])))
 
 
-def test_nan_weights_are_refused_and_nothing_is_written(tmp_path, zoo):
-    bad = tmp_path / "nan"
-    shutil.copytree(zoo["e2"], bad)
+def with_bad_value(tmp_path, source, name, tensor, index, value):
+    """A copy of checkpoint ``source`` at tmp_path/name whose ``tensor`` holds ``value`` at ``index``."""
+    bad = tmp_path / name
+    shutil.copytree(source, bad)
     sd = load_file(bad / "model.safetensors")
-    sd["model.layers.2.mlp.up_proj.weight"][0, 0] = float("nan")
+    sd[tensor][index] = value
     save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    return bad
+
+
+def test_nan_weights_are_refused_and_nothing_is_written(tmp_path, zoo):
+    bad = with_bad_value(tmp_path, zoo["e2"], "nan", "model.layers.2.mlp.up_proj.weight", (0, 0), float("nan"))
     with pytest.raises(NonFiniteError, match=r"model.layers.2.mlp.up_proj.weight' of model '.*nan' contains NaN"):
         merge(tmp_path, recipe_for(zoo).replace(str(zoo["e2"]), str(bad)))
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial*"))
@@ -299,11 +305,7 @@ def test_nan_input_is_named_on_the_chunked_slerp_path(tmp_path, zoo, monkeypatch
     import evomerge.merge as m
 
     monkeypatch.setattr(m, "CHUNK", 64)
-    bad = tmp_path / "nan"
-    shutil.copytree(zoo["e2"], bad)
-    sd = load_file(bad / "model.safetensors")
-    sd["model.layers.2.mlp.down_proj.weight"][1, 5] = float("nan")
-    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    bad = with_bad_value(tmp_path, zoo["e2"], "nan", "model.layers.2.mlp.down_proj.weight", (1, 5), float("nan"))
     text = f"method: slerp\nsources: [{{model: {zoo['e1']}}}, {{model: {bad}}}]\nparameters: {{t: 0.5}}\n"
     with pytest.raises(NonFiniteError, match=r"down_proj.weight' of model '.*nan' contains NaN or infinity"):
         merge(tmp_path, text)
@@ -315,11 +317,7 @@ def test_nan_input_is_named_on_the_chunked_path(tmp_path, zoo, monkeypatch):
 
     monkeypatch.setenv("EVOMERGE_COMPILE", "0")
     monkeypatch.setattr(m, "CHUNK", 64)
-    bad = tmp_path / "inf"
-    shutil.copytree(zoo["e1"], bad)
-    sd = load_file(bad / "model.safetensors")
-    sd["model.layers.1.mlp.up_proj.weight"][3, 3] = float("inf")
-    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    bad = with_bad_value(tmp_path, zoo["e1"], "inf", "model.layers.1.mlp.up_proj.weight", (3, 3), float("inf"))
     text = f"method: task_arithmetic\nbase: {zoo['base']}\nsources: [{{model: {bad}, parameters: {{weight: 0.0}}}}]\n"
     with pytest.raises(NonFiniteError, match=r"up_proj.weight' of model '.*inf' contains NaN or infinity"):
         merge(tmp_path, text)
@@ -417,11 +415,7 @@ depth_scaling: {{alpha: 0.6, beta: 0.4}}
 @pytest.mark.slow
 def test_nan_input_is_named_on_the_compiled_path(tmp_path, zoo, monkeypatch):
     fused_everywhere(monkeypatch)
-    bad = tmp_path / "nan"
-    shutil.copytree(zoo["e2"], bad)
-    sd = load_file(bad / "model.safetensors")
-    sd["model.layers.1.mlp.up_proj.weight"][3, 3] = float("nan")
-    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    bad = with_bad_value(tmp_path, zoo["e2"], "nan", "model.layers.1.mlp.up_proj.weight", (3, 3), float("nan"))
     with pytest.raises(NonFiniteError, match=r"up_proj.weight' of model '.*nan' contains NaN or infinity"):
         merge(tmp_path, recipe_for(zoo).replace(str(zoo["e2"]), str(bad)))
     assert not (tmp_path / "out").exists()

@@ -200,11 +200,14 @@ def tensors(n: int, seed: int = 0) -> list[torch.Tensor]:
     return [t.to(torch.bfloat16) for t in (*xs, base)]
 
 
-@pytest.mark.parametrize("unlucky", [False, True])
-@pytest.mark.parametrize("name,params", [
+SELECTING = [  # methods whose chunk loop settles whole-tensor selections, with two models' parameters
     ("ties", [{"weight": 0.7, "density": 0.4}, {"weight": 0.5, "density": 0.9}]),
     ("breadcrumbs_ties", [{"weight": 0.7, "density": 0.5, "gamma": 0.1}, {"weight": 0.5, "density": 0.3}]),
-])
+]
+
+
+@pytest.mark.parametrize("unlucky", [False, True])
+@pytest.mark.parametrize("name,params", SELECTING)
 def test_chunked_pipeline_equals_whole_tensor_kernel(monkeypatch, name, params, unlucky):
     """The eager chunk loop, settled by brackets or (an unlucky sample) by the histogram passes, over
     chunks of 1000 entries, gives the bits of the whole-tensor kernel."""
@@ -224,10 +227,7 @@ def test_chunked_pipeline_equals_whole_tensor_kernel(monkeypatch, name, params, 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("name,params", [
-    ("ties", [{"weight": 0.7, "density": 0.4}, {"weight": 0.5, "density": 0.9}]),
-    ("breadcrumbs_ties", [{"weight": 0.7, "density": 0.5, "gamma": 0.1}, {"weight": 0.5, "density": 0.3}]),
-])
+@pytest.mark.parametrize("name,params", SELECTING)
 def test_cuda_chunk_loop_and_top_k_mask_agree_with_cpu(monkeypatch, name, params):
     """The eager chunk loop and top_k_mask on CUDA tensors select what the CPU selects."""
     monkeypatch.setattr(chunked, "BLOCK", 1000)
