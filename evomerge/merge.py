@@ -23,7 +23,6 @@ from evomerge.checkpoint.writer import CheckpointWriter, output_config
 from evomerge.errors import NonFiniteError
 from evomerge.kernels import chunked, fused, geometric
 from evomerge.kernels.select import BLOCK
-from evomerge.kernels.taskvector import TaskVectorPipeline
 from evomerge.plan import InputRef, MergePlan, TensorJob
 
 log = logging.getLogger(__name__)
@@ -119,8 +118,10 @@ def _merge_eager(plan: MergePlan, job: TensorJob, device: torch.device | str, ra
             return _merge_slerp_chunked(plan, job, [r.to(device) for r in raws])
     refs = _refs(job)
     loaded = []
-    # A borrowed input is copied (one cast-copy) unless the kernel only reads its inputs; an owned one is ours.
-    copy = borrow and not _reads_only(plan, job)
+    # A borrowed input is copied (one cast-copy) unless the kernel says it only reads its inputs (a method's
+    # optional keeps_inputs(model_params, global_params)); an owned input is ours to write.
+    keeps = getattr(plan.method.fn, "keeps_inputs", None)
+    copy = borrow and not (keeps is not None and keeps(job.model_params, job.global_params))
     for ref, raw in zip(refs, raws, strict=True):
         x = raw.to(device=device, dtype=torch.float32, copy=copy)
         checked = plan.checkpoints[ref.model].finite
@@ -144,14 +145,6 @@ def _merge_eager(plan: MergePlan, job: TensorJob, device: torch.device | str, ra
         out = full_rows
     _finite(out, f"the merged tensor '{job.out.name}' (method {plan.method.name})")
     return out
-
-
-def _reads_only(plan: MergePlan, job: TensorJob) -> bool:
-    """Whether the method never writes into its inputs for this job: the one-pass form of elementwise
-    task arithmetic (base times one coefficient plus weighted sources, into a new tensor)."""
-    fn = plan.method.fn
-    return (isinstance(fn, TaskVectorPipeline) and fn.elementwise
-            and fn.one_pass_coefficients(job.model_params, job.global_params) is not None)
 
 
 def _merge_chunked(plan: MergePlan, job: TensorJob, raws: list[torch.Tensor]) -> torch.Tensor:

@@ -251,6 +251,11 @@ class TaskVectorPipeline:
             return None
         return 1.0 - c * total, [c * w for w in weights]
 
+    def keeps_inputs(self, mps, gp) -> bool:
+        """Whether a call with these parameters never writes into its input tensors (the one-pass form:
+        base times one coefficient plus the weighted sources, into a new tensor)."""
+        return self.elementwise and self.one_pass_coefficients(mps, gp) is not None
+
     @staticmethod
     def _one_pass(xs, base, mps, gp):
         coefficients = TaskVectorPipeline.one_pass_coefficients(mps, gp)
