@@ -13,19 +13,26 @@ generation-barrier baseline).
 
 Utilization = sum of the actors' busy time (materialize + evaluate, as each actor measured it) /
 (workers x wall time from the first dispatch to the last result); evaluations per hour = evaluations /
-that wall time. Overhead per candidate = (driver round trip - actor busy time) + materialization, as a
-share of the evaluation time, measured without the artificial delay (on the tiny zoo one evaluation
-takes a fraction of a second, so fixed costs weigh more than they would on a real model). Also printed:
-everything but scoring, (driver round trip - evaluation) / evaluation, which counts what the actor does
-outside both timed phases as well. ``--rows overhead`` runs only that last measurement. It uses one
-actor fewer than ``--workers`` (at least one) unless ``--overhead-workers`` says otherwise: the driver
-then has a core of its own, as on a cluster's head node, and the dispatch time measures Ray's round
-trip rather than the driver waiting for a busy core.
+that wall time. The asynchronous loop sends candidates ahead as a search would (M2N2: one waiting
+behind each busy actor; CMA-ES: none); the barrier baseline never does.
+
+Overhead per candidate = (dispatch + materialization) / evaluation time, measured without the
+artificial delay (on the tiny zoo one evaluation takes a fraction of a second, so fixed costs weigh more
+than they would on a real model). Dispatch is what the worker loses between candidates: the time an
+actor waits after returning one result until it starts its next candidate (its first candidate, which
+waits for the run to start, is left out). It is measured twice, M2N2 with nothing sent ahead (the actor
+waits for the driver's full round trip: result back, journal, tell, ask, send) and with one candidate
+sent ahead (the default for M2N2). Also printed: everything but scoring, (actor time - evaluation) /
+evaluation. ``--rows overhead`` runs only these rows. They use one actor fewer than ``--workers`` (at
+least one) unless ``--overhead-workers`` says otherwise: the driver then has a core of its own, as on a
+cluster's head node, and the dispatch time measures Ray's round trip rather than the driver waiting for
+a busy core.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -99,7 +106,8 @@ def config(zoo, run_dir, optimizer, budget, workers):
     }, Path("/"))
 
 
-def measure(zoo, root, name, optimizer, budget, workers, delay, barrier):
+def measure(zoo, root, name, optimizer, budget, workers, delay, barrier, queue=None):
+    """One search on a fresh pool; ``queue``: candidates sent ahead per actor (None: the run's default)."""
     from evomerge.search.ray_pool import PoolSettings, RayExecutor
     from evomerge.search.run import start_run
     from evomerge.search.store import read_run
@@ -109,7 +117,10 @@ def measure(zoo, root, name, optimizer, budget, workers, delay, barrier):
     SlowActor.delay = delay
 
     def executor(search):
-        pool = RayExecutor(cfg, run_dir, search.recipes, PoolSettings(num_workers=workers), actor_cls=SlowActor)
+        settings = PoolSettings.for_run(cfg.workers, search.optimizer)
+        if barrier or queue is not None:
+            settings = dataclasses.replace(settings, queue=0 if barrier else queue)
+        pool = RayExecutor(cfg, run_dir, search.recipes, settings, actor_cls=SlowActor)
         return Barrier(pool) if barrier else pool
 
     start_run(cfg, run_dir, executor=executor, progress=False)
@@ -120,9 +131,18 @@ def measure(zoo, root, name, optimizer, budget, workers, delay, barrier):
     ends = [rec["t"] for rec in _results(run_dir)]
     wall = max(ends) - first
     busy = sum(r.timings["actor_total"] for r in results)
-    util = busy / (workers * wall)
-    over = [(r.timings["dispatch"] + r.timings["materialize"]) / r.timings["evaluate"] for r in results]
-    return util, wall, sum(over) / len(over), results
+    return busy / (workers * wall), wall, results
+
+
+def overhead_row(results, label):
+    """Per-candidate dispatch (an actor's wait between candidates), materialization and their share."""
+    later = [r for r in results if "idle" in r.timings]  # not an actor's first candidate
+    ev = statistics.mean(r.timings["evaluate"] for r in later)
+    mat = statistics.mean(r.timings["materialize"] for r in later)
+    disp = statistics.mean(r.timings["idle"] for r in later)
+    rest = statistics.mean(r.timings["actor_total"] - r.timings["evaluate"] for r in later)
+    return (f"{label:24s} {len(later):10d} {ev * 1000:11.0f} {mat * 1000:14.1f} {disp * 1000:11.2f} "
+            f"{(disp + mat) / ev:9.1%} {rest * 1000:14.1f}")
 
 
 def load_zoo(path):
@@ -181,26 +201,26 @@ def main() -> int:
         for label, opt in rows if args.rows == "all" else []:
             for barrier in (False, True):
                 name = f"{opt['name']}-{'barrier' if barrier else 'async'}"
-                util, wall, _, _ = measure(zoo, root, name, opt, args.budget, w, args.delay, barrier)
+                util, wall, _ = measure(zoo, root, name, opt, args.budget, w, args.delay, barrier)
                 print(f"{label:36s} {'barrier' if barrier else 'async':9s} {util:11.1%} {wall:7.1f} "
                       f"{args.budget / wall * 3600:10.0f}")
         ow = args.overhead_workers or max(1, w - 1)
-        util, wall, over, results = measure(zoo, root, "overhead", rows[0][1], args.budget, ow, 0.0, False)
-        ev = sum(r.timings["evaluate"] for r in results) / len(results)
-        mat = sum(r.timings["materialize"] for r in results) / len(results)
-        disp = sum(r.timings["dispatch"] for r in results) / len(results)
-        rest = sum(r.timings["roundtrip"] - r.timings["evaluate"] for r in results) / len(results)
-        print(f"\nper candidate, no extra delay (M2N2, {ow} actor(s), {len(results)} candidates): "
-              f"evaluate {ev * 1000:.0f} ms, "
-              f"materialize {mat * 1000:.1f} ms, dispatch {disp * 1000:.1f} ms")
+        m2n2 = rows[0][1]
+        print(f"\nper candidate, no extra delay (M2N2, {ow} actor(s), {args.budget} candidates; means over every "
+              "candidate but each actor's first):")
+        print(f"{'sent ahead per actor':24s} {'candidates':>10s} {'evaluate ms':>11s} {'materialize ms':>14s} "
+              f"{'dispatch ms':>11s} {'overhead':>9s} {'actor - eval ms':>14s}")
+        for queue in (0, 1):
+            util, wall, results = measure(zoo, root, f"overhead-{queue}", m2n2, args.budget, ow, 0.0, False, queue)
+            print(overhead_row(results, f"{queue}"))
         order = sorted(results, key=lambda r: r.order)
         later = statistics.median(r.timings["materialize"] for r in order[1:]) if len(order) > 1 else float("nan")
-        print(f"materialize: first candidate {order[0].timings['materialize'] * 1000:.1f} ms (any kernel "
-              f"compiles included), median of the rest {later * 1000:.1f} ms")
-        print(f"overhead (dispatch + materialize) / evaluate: {over:.1%}; dispatch alone: {disp / ev:.1%}; "
-              f"everything but scoring (round trip - evaluate): {rest * 1000:.1f} ms, {rest / ev:.1%}")
-        print(f"search throughput without extra delay: {len(results) / wall * 3600:.0f} evaluations per hour "
-              f"({ow} actor(s), utilization {util:.1%})")
+        slowest = max(order, key=lambda r: r.timings["materialize"])
+        print(f"materialize (1 sent ahead): first candidate {order[0].timings['materialize'] * 1000:.1f} ms (any "
+              f"kernel compiles included), median of the rest {later * 1000:.1f} ms, slowest "
+              f"{slowest.timings['materialize'] * 1000:.1f} ms (candidate {slowest.order + 1} of {len(order)})")
+        print(f"search throughput without extra delay, 1 sent ahead: {len(results) / wall * 3600:.0f} evaluations "
+              f"per hour ({ow} actor(s), utilization {util:.1%})")
         print(f"load average now {os.getloadavg()[0]:.2f}")
     finally:
         ray.shutdown()

@@ -110,6 +110,11 @@ class Workers(_Strict):
     gpus: float = Field(0.0, ge=0, description="GPUs per actor")
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per actor")
     max_redispatch: int = Field(3, ge=0, description="re-dispatches of a candidate whose worker died")
+    queue: int | None = Field(None, ge=0, le=8, description=(
+        "candidates sent ahead to each actor, waiting behind the one it evaluates, so it never waits for "
+        "the driver between candidates; null: 1 for optimizers whose asks never wait on a generation "
+        "(random, m2n2), 0 for generational ones (cmaes, nsga2), where work bound to a busy actor could "
+        "leave the others idle at a generation's end"))
 
 
 class Optimizer(_Strict):

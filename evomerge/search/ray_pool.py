@@ -7,13 +7,22 @@ arrival) plus the recipes of any earlier candidates it names (lineage) that the 
 yet; the actor merges it into its resident model, scores it, and returns per-item scores, timings, and its
 node and actor ids.
 
-``RayExecutor`` implements the run loop's Executor: ``capacity`` is the number of live actors, so the
-loop keeps every actor busy as far as the optimizer allows (steady-state optimizers ask again as soon as
-a result is in). An actor that dies (killed, out of memory, node lost) costs only its in-flight
-candidate, which is dispatched again to another actor (at most ``max_redispatch`` times; a dead worker is
-not the candidate's fault, so it does not count against the candidate's retries); the pool then starts a
-replacement when the cluster has room. Shared storage is assumed: the run directory (its lineage cache)
-and model paths must be visible at the same paths on every node.
+``RayExecutor`` implements the run loop's Executor: ``capacity`` is the number of live actors times
+(1 + ``queue``), so the loop keeps every actor busy as far as the optimizer allows (steady-state
+optimizers ask again as soon as a result is in). With ``queue`` >= 1 each busy actor also holds that many
+candidates waiting behind the one it evaluates (Ray runs an actor's calls in the order they were sent):
+it starts the next one as soon as it returns a result, instead of waiting a driver round trip (result
+back, journal, tell, ask, dispatch). Idle actors are always served first. An actor that dies (killed,
+out of memory, node lost) costs only its in-flight candidates, which are dispatched again to other actors
+(at most ``max_redispatch`` times; a dead worker is not the candidate's fault, so it does not count
+against the candidate's retries); the pool then starts a replacement when the cluster has room.
+
+Timings added to each outcome: ``actor_total`` (the actor's time on the candidate), ``idle`` (how long
+the actor waited for it after finishing its previous candidate; absent on its first) and ``roundtrip``
+(from the driver's dispatch to the result's arrival, time spent waiting in the actor's queue included).
+
+Shared storage is assumed: the run directory (its lineage cache) and model paths must be visible at the
+same paths on every node.
 """
 
 from __future__ import annotations
@@ -73,6 +82,7 @@ class _Actor:
         self.evaluator = evaluator_for(self.config, Path(run_dir), self.recipes)
         self.pid = os.getpid()
         self.host = socket.gethostname()
+        self._last_end: float | None = None  # when the previous candidate finished
         self._ids = ("", "")
         try:
             import ray
@@ -91,8 +101,14 @@ class _Actor:
         start = time.perf_counter()
         for h, r in lineage.items():
             self.recipes.setdefault(h, r)
-        outcome = self.evaluator.evaluate(recipe)
-        outcome.timings["actor_total"] = time.perf_counter() - start
+        try:
+            outcome = self.evaluator.evaluate(recipe)
+        finally:
+            idle = None if self._last_end is None else start - self._last_end
+            self._last_end = time.perf_counter()
+        outcome.timings["actor_total"] = self._last_end - start
+        if idle is not None:
+            outcome.timings["idle"] = idle
         outcome.worker = f"{self.host}:{self.pid} node={self._ids[0][:12]} actor={self._ids[1][:12]}"
         return outcome
 
@@ -101,7 +117,7 @@ class _Actor:
 class _Slot:
     handle: Any
     info: dict
-    busy: int | None = None  # candidate key in flight
+    in_flight: int = 0  # candidates sent and not yet back (the one evaluated plus those queued behind it)
     known: set[str] = field(default_factory=set)  # lineage recipes this actor has been sent
 
 
@@ -115,6 +131,15 @@ class PoolSettings:
     resources: dict[str, float] = field(default_factory=dict)
     max_redispatch: int = 3
     startup_timeout: float = 600.0
+    queue: int = 0  # candidates waiting at each busy actor behind the one it evaluates
+
+    @classmethod
+    def for_run(cls, workers, optimizer) -> PoolSettings:
+        """The settings of a search config's ``workers`` section for a run of ``optimizer``."""
+        w = workers
+        queue = w.queue if w.queue is not None else (0 if optimizer.generational else 1)
+        return cls(num_workers=w.count, num_cpus=w.cpus, num_gpus=w.gpus, resources=dict(w.resources),
+                   max_redispatch=w.max_redispatch, queue=queue)
 
 
 class RayExecutor:
@@ -211,7 +236,7 @@ class RayExecutor:
 
     @property
     def capacity(self) -> int:
-        return max(1, len(self.slots))
+        return max(1, len(self.slots)) * (1 + self.settings.queue)
 
     @property
     def workers(self) -> list[dict]:
@@ -224,18 +249,22 @@ class RayExecutor:
         self._dispatch()
 
     def _dispatch(self) -> None:
-        for slot in self.slots:
-            if not self._queue:
-                return
-            if slot.busy is None:
-                key, recipe = self._queue.popleft()
-                lineage = {h: r for h, r in lineage_recipes(recipe, self.store).items() if h not in slot.known}
-                sent = time.perf_counter()  # before the call: the actor may start before it returns
-                ref = slot.handle.evaluate.remote(recipe, lineage)
-                slot.known.update(lineage)
-                slot.busy = key
-                self._pending[ref] = (key, recipe, slot)
-                self._sent[ref] = sent
+        # level by level: every idle actor gets a candidate before any busy one gets one queued
+        for level in range(1 + self.settings.queue):
+            for slot in self.slots:
+                if not self._queue:
+                    return
+                if slot.in_flight == level:
+                    self._send(slot, *self._queue.popleft())
+
+    def _send(self, slot: _Slot, key: int, recipe: Recipe) -> None:
+        lineage = {h: r for h, r in lineage_recipes(recipe, self.store).items() if h not in slot.known}
+        sent = time.perf_counter()  # before the call: the actor may start before it returns
+        ref = slot.handle.evaluate.remote(recipe, lineage)
+        slot.known.update(lineage)
+        slot.in_flight += 1
+        self._pending[ref] = (key, recipe, slot)
+        self._sent[ref] = sent
 
     def next_finished(self):
         while True:
@@ -249,7 +278,7 @@ class RayExecutor:
                 continue
             key, recipe, slot = self._pending.pop(ref)
             sent = self._sent.pop(ref)
-            slot.busy = None
+            slot.in_flight -= 1
             try:
                 outcome = self._ray.get(ref)
             except self._ray.exceptions.RayActorError as err:  # the worker, not the candidate, failed
@@ -262,9 +291,7 @@ class RayExecutor:
             except self._ray.exceptions.RayError as err:  # node lost, object lost, ...
                 self._lost(slot, key, recipe, err)
                 continue
-            # driver-side round trip; what the actor did not spend on the candidate is dispatch overhead
             outcome.timings["roundtrip"] = time.perf_counter() - sent
-            outcome.timings["dispatch"] = outcome.timings["roundtrip"] - outcome.timings.get("actor_total", 0.0)
             self._dispatch()
             return key, outcome, None
 

@@ -87,8 +87,7 @@ def make_executor(config: SearchConfig, search: Search) -> Executor:
         return LocalExecutor(search.make_evaluator())
     from evomerge.search.ray_pool import PoolSettings, RayExecutor
 
-    settings = PoolSettings(num_workers=w.count, num_cpus=w.cpus, num_gpus=w.gpus, resources=dict(w.resources),
-                            max_redispatch=w.max_redispatch)
+    settings = PoolSettings.for_run(w, search.optimizer)
     return RayExecutor(config, search.run_dir, search.recipes, settings, address=w.address)
 
 

@@ -99,6 +99,9 @@ class Optimizer(Protocol):
     """Ask/tell, keyed by candidate id; state is JSON-able data."""
 
     name: str
+    generational: bool
+    """True when asks wait for whole generations (CMA-ES, NSGA-II); False when an ask never waits long
+    (random, M2N2). Evaluators may then be sent work ahead without idling at a generation's end."""
 
     def ask(self) -> Candidate | None:
         """The next candidate, or None when the optimizer must first hear about candidates in flight

@@ -96,6 +96,7 @@ class CMAES:
     """pycma's CMA-ES, maximising ``Evaluation.scalar``; asks wait (None) at generation boundaries."""
 
     name = "cmaes"
+    generational = True
     Settings = CMAESSettings
 
     def __init__(

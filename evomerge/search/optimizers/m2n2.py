@@ -119,6 +119,7 @@ class M2N2:
     """Steady-state niche competition; see the module docstring for the exact rules."""
 
     name = "m2n2"
+    generational = False
     Settings = M2N2Settings
 
     def __init__(

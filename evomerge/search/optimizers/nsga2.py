@@ -157,6 +157,7 @@ class NSGA2:
     """NSGA-II with SBX and polynomial mutation; see the module docstring."""
 
     name = "nsga2"
+    generational = True
     Settings = NSGA2Settings
 
     def __init__(

@@ -31,6 +31,7 @@ class RandomSearch:
     """Uniform random genomes; candidate i is drawn from ``stream(seed, 'random', i)``. Never waits."""
 
     name = "random"
+    generational = False
     Settings = RandomSearchSettings
 
     def __init__(
