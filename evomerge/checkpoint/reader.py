@@ -300,10 +300,30 @@ class CheckpointCache:
         self.mapped = mapped
         self.size = size
         self._open: OrderedDict[tuple[Path, bool], Checkpoint] = OrderedDict()
+        self._resolved: dict[str, Path] = {}  # see _resolve
         self.opened = 0  # checkpoints opened (first use, reopened after a change, or after eviction)
 
+    def _resolve(self, path: str | os.PathLike) -> Path:
+        """``path`` resolved (symbolic links, ``..``), remembered for a path that resolves to itself.
+
+        Such a path (absolute, normalized, no symbolic link on it when first seen) is its own key for good:
+        the checkpoint is read and its files' stamps are taken through that very path, so whatever it
+        names later (a link put on the way, a directory replaced) shows as changed files in ``unchanged``.
+        Any other path is resolved on every use, so that a link pointed elsewhere opens what it now names.
+        """
+        text = os.fspath(path)
+        hit = self._resolved.get(text)
+        if hit is not None:
+            return hit
+        resolved = Path(text).expanduser().resolve()
+        if str(resolved) == text:
+            if len(self._resolved) >= 1024:
+                self._resolved.clear()
+            self._resolved[text] = resolved
+        return resolved
+
     def open(self, path: str | os.PathLike, *, allow_pickle: bool = False) -> Checkpoint:
-        key = (Path(path).expanduser().resolve(), allow_pickle)
+        key = (self._resolve(path), allow_pickle)
         ck = self._open.get(key)
         if ck is not None:
             if ck.unchanged():

@@ -7,7 +7,9 @@ checkpoint is written and the model is never reloaded. Anything else (a data-flo
 layer count) is merged into a scratch checkpoint and loaded into a fresh backend for that candidate.
 
 Source checkpoints stay open across candidates (headers parsed once, weight files memory-mapped once) in a
-``CheckpointCache``, which reopens a checkpoint whose files changed on disk.
+``CheckpointCache``, which reopens a checkpoint whose files changed on disk. Candidates of one structure
+(same models, method, slices; other parameter values) share a plan skeleton (``SkeletonCache``): per
+candidate only its parameters are resolved and checked.
 
 The evaluator never decides what to try next; it only turns a Recipe into per-item scores.
 """
@@ -89,6 +91,7 @@ class InProcessEvaluator:
         self.scratch = Path(scratch) if scratch else None
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self._checkpoints = None  # CheckpointCache, made with the backend
+        self._skeletons = None  # SkeletonCache over those checkpoints
         self._backend = None
         self._shapes: dict[str, tuple[int, ...]] | None = None
         self._layers: int | None = None
@@ -97,12 +100,14 @@ class InProcessEvaluator:
         if self._backend is None:
             from evomerge.checkpoint.reader import CheckpointCache
             from evomerge.kernels import fused
+            from evomerge.plan import SkeletonCache
             from evomerge.util.memory import reuse_large_allocations
 
             fused.expect_repeats()  # every candidate merges the same kernel structures
             reuse_large_allocations()  # each candidate's merged tensors reuse the last one's freed memory
             if self._checkpoints is None:
                 self._checkpoints = CheckpointCache()
+                self._skeletons = SkeletonCache()
             ck = self._checkpoints.open(self.reference)
             shapes = {n: tuple(ck.meta(n).shape) for n in ck.names}
             layers = ck.num_layers
@@ -120,7 +125,8 @@ class InProcessEvaluator:
         if self.resolver is not None:
             recipe = self.resolver.resolve(recipe)
         backend = self.resident()
-        plan = build_plan(recipe, Path("/"), seed=recipe.seed, checkpoints=self._checkpoints)
+        plan = build_plan(recipe, Path("/"), seed=recipe.seed, checkpoints=self._checkpoints,
+                          skeletons=self._skeletons)
         try:
             in_place = (
                 {j.out.name: tuple(j.out.shape) for j in plan.jobs} == self._shapes
@@ -171,4 +177,4 @@ class InProcessEvaluator:
         self._backend = None
         if self._checkpoints is not None:
             self._checkpoints.close()
-            self._checkpoints = None
+            self._checkpoints = self._skeletons = None
