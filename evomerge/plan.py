@@ -106,11 +106,13 @@ def build_plan(recipe: Recipe, root: Path, *, seed: int | None = None, allow_pic
             ckpts.append(checkpoints.open(path, allow_pickle=allow_pickle) if checkpoints is not None
                          else Checkpoint(path, allow_pickle=allow_pickle))
         if skeletons is None:
-            skeleton = build_skeleton(recipe, method, names, ckpts, mk, seed)
+            skeleton, fresh = build_skeleton(recipe, method, names, ckpts, mk, seed), True
         else:
+            built = skeletons.built
             skeleton = skeletons.get((_structure(recipe), *ckpts),
                                      lambda: build_skeleton(recipe, method, names, ckpts, mk, seed))
-        plan = _instantiate(skeleton, recipe, method, names, ckpts, mk, seed)
+            fresh = skeletons.built != built
+        plan = _instantiate(skeleton, recipe, method, names, ckpts, mk, seed, warn=fresh)
     except BaseException:
         if checkpoints is None:
             for c in ckpts:
@@ -167,9 +169,10 @@ class SkeletonCache:
         return skeleton
 
 
-def _instantiate(skeleton: Skeleton, recipe, method, names, ckpts, mk, seed) -> MergePlan:
+def _instantiate(skeleton: Skeleton, recipe, method, names, ckpts, mk, seed, *, warn: bool) -> MergePlan:
     """The plan of ``recipe`` on its structure's skeleton: every parameter resolved and checked, in the
-    order planning visits the tensors, then the skeleton's problems raised."""
+    order planning visits the tensors, then the skeleton's problems raised. ``warn``: log the plan's notes
+    (a skeleton's first plan; later plans of a search carry them without repeating them in the log)."""
     if recipe.tokenizer_source == "union":  # tokenizer files are not among those a Checkpoint watches
         _check_same_tokenizers(names, ckpts)
     scopes = [scope(recipe, loc) for loc in skeleton.scopes]
@@ -217,7 +220,8 @@ def _instantiate(skeleton: Skeleton, recipe, method, names, ckpts, mk, seed) -> 
         msg = (f"vocabulary sizes differ for '{name}' ({sizes}): merging the {min(sizes.values())} rows common "
                f"to all models; rows beyond come from '{names[skeleton.donor]}'")
         notes.append(msg)
-        log.warning(msg)
+        if warn:
+            log.warning(msg)
     origin = None if skeleton.layer_origin is None else list(skeleton.layer_origin)
     return MergePlan(recipe, method, list(names), list(ckpts), skeleton.donor, jobs, origin, skeleton.out_dtype, notes)
 

@@ -190,6 +190,15 @@ FAMILIES = [
 ]
 
 
+def test_a_skeletons_notes_are_logged_once_and_kept_on_every_plan(zoo, tmp_path, caches, caplog):
+    cache, skeletons = caches
+    with caplog.at_level("WARNING", logger="evomerge.plan"):
+        plans = [build_plan(vocab_mismatch(zoo, k), tmp_path, checkpoints=cache, skeletons=skeletons)
+                 for k in range(3)]
+    assert all(p.notes and p.notes == plans[0].notes for p in plans)
+    assert [r.getMessage() for r in caplog.records] == plans[0].notes  # one structure: logged once
+
+
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.__name__)
 def test_plans_of_one_structure_equal_plans_made_from_scratch(zoo, tmp_path, caches, family):
     cache, skeletons = caches
