@@ -27,6 +27,7 @@ from evomerge.plan import InputRef, MergePlan, TensorJob
 
 log = logging.getLogger(__name__)
 CHUNK = BLOCK  # elements per chunk (1 MiB of float32: stays in cache)
+_SAFE_FLOAT32 = torch.finfo(torch.float32).max / 16  # sizes this far below the float32 range stay finite
 
 
 def _finite(t: torch.Tensor, what: str) -> None:
@@ -180,26 +181,46 @@ def _merge_chunked(plan: MergePlan, job: TensorJob, raws: list[torch.Tensor]) ->
 
 def _merge_slerp_chunked(plan: MergePlan, job: TensorJob, raws: list[torch.Tensor]) -> torch.Tensor:
     """SLERP of large tensors: one pass for the norms and dot product (float64 partial sums), one pass that
-    combines float32 chunks. Bit-identical to the whole-tensor kernel, without two float32 copies."""
+    combines float32 chunks. Bit-identical to the whole-tensor kernel, without two float32 copies.
+
+    A float32 output is combined in place, chunk by chunk; other output dtypes go through one float32
+    chunk. The statistics pass doubles as the inputs' finiteness check, and bounds the output: with finite
+    norms far below the float32 range no combination can overflow, so the chunks are checked only otherwise.
+    """
     refs = _refs(job)
     flats = [r.reshape(-1) for r in raws]
     t = job.global_params.t
-    coef = geometric.slerp_coefficients(t, flats[0], flats[1])
+    na, nc, ac = geometric.slerp_stats(flats[0], flats[1])
+    coef = geometric.coefficients_from_stats(t, na, nc, ac)
     if coef is not None and not math.isfinite(coef[0] + coef[1]):
         for ref, r in zip(refs, flats, strict=True):
             for start in range(0, r.numel(), CHUNK):
                 _finite(r[start:start + CHUNK].float(), _describe(plan, ref))
+    # |a_i| <= |a| and |c_i| <= |c|: no value a chunk computes exceeds |s_a| |a| + |s_c| |c| (slerp) or
+    # 2 (|a| + |c|) (lerp) by more than rounding, so below the limit every output entry is finite.
+    reach = 2 * (na + nc) if coef is None else abs(coef[0]) * na + abs(coef[1]) * nc
+    check = not reach < _SAFE_FLOAT32
     out = torch.empty(job.out.shape, dtype=job.out.dtype, device=raws[0].device)
     flat = out.view(-1)
+    n = flat.numel()
+    step = min(n, CHUNK)
+    f32 = {"dtype": torch.float32, "device": out.device}
+    work = None if out.dtype == torch.float32 else torch.empty(step, **f32)  # a float32 output is its own
+    other = None if flats[1].dtype == torch.float32 else torch.empty(step, **f32)
     what = f"the merged tensor '{job.out.name}' (method {plan.method.name})"
-    for start in range(0, flat.numel(), CHUNK):
-        end = min(flat.numel(), start + CHUNK)
-        a = flats[0][start:end].to(torch.float32, copy=True)
-        c = flats[1][start:end].to(torch.float32)
-        merged = torch.lerp(a, c, t) if coef is None else a.mul_(coef[0]).add_(c, alpha=coef[1])
-        if not math.isfinite(float(merged.sum())):
+    for start in range(0, n, step):
+        end = min(n, start + step)
+        merged = flat[start:end] if work is None else work[: end - start]
+        merged.copy_(flats[0][start:end])
+        c = flats[1][start:end] if other is None else other[: end - start].copy_(flats[1][start:end])
+        if coef is None:
+            merged.lerp_(c, t)
+        else:
+            merged.mul_(coef[0]).add_(c, alpha=coef[1])
+        if check and not math.isfinite(float(merged.sum())):
             _finite(merged, what)
-        flat[start:end] = merged
+        if work is not None:
+            flat[start:end] = merged
     return out
 
 

@@ -301,6 +301,59 @@ def test_chunked_slerp_equals_whole_tensor_slerp(tmp_path, zoo, monkeypatch, oth
     assert (whole / "model.safetensors").read_bytes() == (chunked_out / "model.safetensors").read_bytes()
 
 
+def stored_as(tmp_path, source, name, dtype, change=None):
+    """A copy of checkpoint ``source`` at tmp_path/name with every tensor stored as ``dtype``; ``change``:
+    (tensor, factor) that tensor is scaled by first."""
+    out = tmp_path / name
+    shutil.copytree(source, out)
+    sd = load_file(out / "model.safetensors")
+    if change is not None:
+        sd[change[0]] *= change[1]
+    save_file({k: v.to(dtype) for k, v in sd.items()}, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize(("other", "stored", "dtype"), [
+    ("e2", torch.bfloat16, "float32"),  # stored bfloat16, float32 output combined in place
+    ("near", torch.float32, "float32"),  # one tensor scaled: the lerp fallback between different tensors
+    ("near", torch.bfloat16, "bfloat16"),
+])
+def test_chunked_slerp_equals_whole_tensor_slerp_across_dtypes(tmp_path, zoo, monkeypatch, other, stored, dtype):
+    import evomerge.merge as m
+    from evomerge.kernels.geometric import slerp_coefficients
+
+    monkeypatch.setattr("evomerge.kernels.geometric.STAT_CHUNK", 48)
+    name = "model.layers.1.mlp.up_proj.weight"
+    a = stored_as(tmp_path, zoo["e1"], "a", stored)
+    c = stored_as(tmp_path, zoo["e1"], "c", stored, change=(name, 1.37)) if other == "near" \
+        else stored_as(tmp_path, zoo[other], "c", stored)
+    if other == "near":
+        pair = [load_file(p / "model.safetensors")[name] for p in (a, c)]
+        assert not torch.equal(*pair) and slerp_coefficients(0.3, *pair) is None
+    text = f"method: slerp\nsources: [{{model: {a}}}, {{model: {c}}}]\nparameters: {{t: 0.3}}\ndtype: {dtype}\n"
+    monkeypatch.setattr(m, "CHUNK", 1 << 30)
+    whole, _ = merge(tmp_path, text, "whole")
+    monkeypatch.setattr(m, "CHUNK", 64)
+    chunked_out, _ = merge(tmp_path, text, "chunked")
+    assert (whole / "model.safetensors").read_bytes() == (chunked_out / "model.safetensors").read_bytes()
+
+
+def test_overflowing_slerp_output_is_refused_on_the_chunked_path(tmp_path, zoo, monkeypatch):
+    """Finite inputs whose merge overflows float32 (opposite entries near the float32 limit, so lerp's c - a is
+    infinite) are refused naming the merged tensor, by the chunk loop as by the whole-tensor path."""
+    import evomerge.merge as m
+
+    name = "model.layers.2.mlp.down_proj.weight"
+    big = with_bad_value(tmp_path, zoo["e1"], "big", name, (1, 5), 3e38)
+    low = with_bad_value(tmp_path, zoo["e2"], "low", name, (1, 5), -3e38)
+    text = f"method: slerp\nsources: [{{model: {big}}}, {{model: {low}}}]\nparameters: {{t: 0.5}}\n"
+    for chunk in (1 << 30, 64):
+        monkeypatch.setattr(m, "CHUNK", chunk)
+        with pytest.raises(NonFiniteError, match=rf"merged tensor '{name}' \(method slerp\) contains NaN"):
+            merge(tmp_path, text, f"out{chunk}")
+        assert not (tmp_path / f"out{chunk}").exists()
+
+
 def test_nan_input_is_named_on_the_chunked_slerp_path(tmp_path, zoo, monkeypatch):
     import evomerge.merge as m
 

@@ -46,14 +46,21 @@ def slerp_stats(a: torch.Tensor, c: torch.Tensor) -> tuple[float, float, float]:
     """|a|, |c| and a.c, accumulated in float64 over fixed chunks of the flattened tensors (any float dtype).
 
     The chunks are the same whether the tensors are whole float32 copies or stored-dtype views merged
-    chunk by chunk, so both paths find the same coefficients and give the same bits.
+    chunk by chunk, so both paths find the same coefficients and give the same bits. Non-finite exactly
+    when an input holds a NaN or infinity (or, for float64 inputs, a sum overflows).
     """
     fa, fc = a.reshape(-1), c.reshape(-1)
+    n = fa.numel()
+    # One float64 buffer per call, refilled chunk by chunk (not two new float64 copies per chunk); each
+    # chunk's dot products are the same calls on the same values as ever, so the sums keep their bits.
+    buf = torch.empty(2, min(n, STAT_CHUNK), dtype=torch.float64, device=fa.device)
     aa = cc = ac = 0.0
-    for start in range(0, fa.numel(), STAT_CHUNK):
-        x = fa[start:start + STAT_CHUNK].to(torch.float64)
-        y = fc[start:start + STAT_CHUNK].to(torch.float64)
+    for start in range(0, n, STAT_CHUNK):
+        m = min(STAT_CHUNK, n - start)
+        x, y = buf[0, :m], buf[1, :m]
+        x.copy_(fa[start:start + m])
         aa += float(torch.dot(x, x))
+        y.copy_(fc[start:start + m])
         cc += float(torch.dot(y, y))
         ac += float(torch.dot(x, y))
     return math.sqrt(aa), math.sqrt(cc), ac
@@ -62,7 +69,12 @@ def slerp_stats(a: torch.Tensor, c: torch.Tensor) -> tuple[float, float, float]:
 def slerp_coefficients(t: float, a: torch.Tensor, c: torch.Tensor, eps: float = 1e-8) -> tuple[float, float] | None:
     """(s_a, s_c) with slerp = s_a a + s_c c; None where slerp falls back to lerp (nearly (anti)parallel or
     zero tensors). NaN when an input is not finite."""
-    na, nc, ac = slerp_stats(a, c)
+    return coefficients_from_stats(t, *slerp_stats(a, c), eps)
+
+
+def coefficients_from_stats(t: float, na: float, nc: float, ac: float,
+                            eps: float = 1e-8) -> tuple[float, float] | None:
+    """``slerp_coefficients`` from the norms and dot product of ``slerp_stats``."""
     if not math.isfinite(na + nc + ac):
         return (math.nan, math.nan)
     if na <= eps or nc <= eps:
