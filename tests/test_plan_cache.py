@@ -6,13 +6,14 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save, save_file
+from safetensors.torch import load_file, save_file
 
 from evomerge.checkpoint.reader import CheckpointCache
 from evomerge.errors import CheckpointError, RecipeError
 from evomerge.merge import merge_tensor
 from evomerge.plan import SkeletonCache, build_plan
 from evomerge.recipe.schema import Recipe, Slice, Source
+from tests.search.test_evaluator import replace_by_rename, rewrite_in_place
 
 
 def plan_both(recipe, root, cache, skeletons):
@@ -297,21 +298,6 @@ def test_parameter_problems_come_before_a_missing_tensor(zoo, tmp_path, caches):
 
 
 # ------------------------------------------------------------------ changed sources, other structures
-
-
-def rewrite_in_place(path, tensors):
-    """New bytes into the same file (same inode), its modification time moved on as a later write's."""
-    with open(path, "r+b") as f:
-        f.write(save(tensors))
-        f.truncate()
-    st = path.stat()
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-
-
-def replace_by_rename(path, tensors):
-    tmp = path.with_name("incoming.safetensors")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
 
 
 @pytest.mark.parametrize("change", [rewrite_in_place, replace_by_rename], ids=["in place", "by rename"])

@@ -74,7 +74,7 @@ def test_in_place_materialization_equals_a_plain_merge(models, tasks, tmp_path):
         ev.close()
 
 
-def _rewrite_in_place(path, tensors):
+def rewrite_in_place(path, tensors):
     """New bytes into the same file (same inode), as a save that truncates and writes would leave it."""
     inode = path.stat().st_ino
     with open(path, "r+b") as f:
@@ -86,13 +86,13 @@ def _rewrite_in_place(path, tensors):
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
 
 
-def _replace_by_rename(path, tensors):
+def replace_by_rename(path, tensors):
     tmp = path.with_name("incoming.safetensors")
     save_file(tensors, str(tmp))
     os.replace(tmp, path)
 
 
-@pytest.mark.parametrize("change", [_rewrite_in_place, _replace_by_rename], ids=["in place", "by rename"])
+@pytest.mark.parametrize("change", [rewrite_in_place, replace_by_rename], ids=["in place", "by rename"])
 def test_a_source_changed_on_disk_is_read_afresh(models, tasks, tmp_path, change):
     r = recipe(models, 0.8, 0.5)
     ev = InProcessEvaluator(tasks, models["base"], scratch=tmp_path / "scratch")
@@ -142,7 +142,7 @@ def test_sources_are_checked_for_nan_once_per_version_of_their_files(models, tas
         sd = load_file(weights)
         name = next(n for n in sd if "mlp" in n)
         sd[name].view(-1)[0] = float("nan")
-        _replace_by_rename(weights, sd)
+        replace_by_rename(weights, sd)
         with pytest.raises(NonFiniteError, match=f"tensor '{name}' of model"):
             ev.evaluate(r)
     finally:

@@ -73,26 +73,32 @@ def _after_results(run_dir: Path, n: int, action):
     return t
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_a_killed_worker_costs_only_its_candidate(cluster, local_reference, tmp_path):
+def _run_killing_a_worker(cfg, run_dir: Path, after: int):
+    """Run ``cfg`` and SIGKILL, once ``after`` results are in, the worker that returned the latest one (by
+    then it is evaluating another candidate)."""
     import os
 
-    c, _ = cluster
-    cfg, ref = local_reference
-    run_dir = tmp_path / "run"
     killed = []
 
     def kill_one():
-        # the worker that finished the latest result: by now it is evaluating another candidate
         pid = int(re.search(r":(\d+) ", list(read_run(run_dir).results.values())[-1].worker).group(1))
         os.kill(pid, signal.SIGKILL)
         killed.append(pid)
 
-    watcher = _after_results(run_dir, 2, kill_one)
-    summary = start_run(ray_config(cfg, c.address), run_dir, progress=False)
+    watcher = _after_results(run_dir, after, kill_one)
+    summary = start_run(cfg, run_dir, progress=False)
     watcher.join()
     assert killed, "the worker was not killed during the run"
+    return summary
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_killed_worker_costs_only_its_candidate(cluster, local_reference, tmp_path):
+    c, _ = cluster
+    cfg, ref = local_reference
+    run_dir = tmp_path / "run"
+    summary = _run_killing_a_worker(ray_config(cfg, c.address), run_dir, 2)
     assert summary.evaluated == 8 and summary.failed == 0
     assert trace(run_dir) == trace(ref)
     assert all(n == 1 for n in results_per_hash(run_dir).values())
@@ -146,23 +152,11 @@ def test_a_killed_worker_with_candidates_queued_loses_none(cluster, quick_zoo, t
     wait on a generation): killing an actor mid-run loses the one it evaluates and the one queued behind it,
     and both are evaluated once elsewhere. Random asks do not depend on results, so the run equals the
     in-process one."""
-    import os
-
     c, _ = cluster
     cfg = config(quick_zoo, tmp_path, budget=10, optimizer={"name": "random"})
     start_run(cfg, tmp_path / "local", progress=False)
     run_dir = tmp_path / "ray"
-    killed = []
-
-    def kill_one():
-        pid = int(re.search(r":(\d+) ", list(read_run(run_dir).results.values())[-1].worker).group(1))
-        os.kill(pid, signal.SIGKILL)
-        killed.append(pid)
-
-    watcher = _after_results(run_dir, 3, kill_one)
-    summary = start_run(ray_config(cfg, c.address), run_dir, progress=False)
-    watcher.join()
-    assert killed
+    summary = _run_killing_a_worker(ray_config(cfg, c.address), run_dir, 3)
     assert summary.evaluated == 10 and summary.failed == 0
     assert trace(run_dir) == trace(tmp_path / "local")
     assert all(n == 1 for n in results_per_hash(run_dir).values())
