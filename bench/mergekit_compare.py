@@ -1,7 +1,7 @@
 """The same mergekit config through ``mergekit-yaml`` and through ``evomerge merge``: wall time and output
 agreement, measured in one run.
 
-    python bench/mergekit_compare.py [--methods task_arithmetic ties slerp linear] [--repeats 2]
+    python bench/mergekit_compare.py [--methods task_arithmetic ties slerp linear] [--repeats 5]
                                      [--device cpu|cuda] [--mergekit CMD]
 
 Model: the 135M-parameter Llama with SmolLM2-135M's shapes that bench/merge_throughput.py builds (random
@@ -9,7 +9,8 @@ bf16 weights, base + 2 experts, cached in bench/.cache/smollm2-shape). Each conf
 config with ``dtype: float32`` (both tools then compute in float32 and write float32, so their tensors
 can agree to float tolerance). Both tools run as the command a user types, in a new process each time
 (imports included), alternating mergekit, evomerge, mergekit, evomerge...; the figure is the best of
-``--repeats`` runs of each (the sources are in the page cache after the first run of either).
+``--repeats`` runs of each (the sources are in the page cache after the first run of either), and beside
+it the ratio of the two tools' median runs: on a shared machine a single run of either moves by 10-20%.
 
 ``--mergekit`` is the command that runs mergekit-yaml (default: the venv bench/mergekit_env.sh creates,
 ``.venv-mergekit/bin/mergekit-yaml``); on CUDA both get their GPU flag (``--cuda``, ``--device cuda``).
@@ -26,6 +27,7 @@ import os
 import platform
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -101,7 +103,7 @@ def agreement(ref_dir: Path, got_dir: Path) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--mergekit", default=os.environ.get("MERGEKIT_YAML",
                                                          str(ROOT / ".venv-mergekit" / "bin" / "mergekit-yaml")),
@@ -150,14 +152,18 @@ def main() -> int:
           f"device {device}; torch {torch.__version__}")
     print(f"model: base + 2 experts, 135M parameters each, bf16 on disk ({CACHE}); configs with dtype float32; "
           f"mergekit: {shlex.join(mk)} {' '.join(mk_flags)}; evomerge: evomerge merge {' '.join(evo_flags)}")
-    print(f"wall seconds per command, new process each, best of {args.repeats} (all runs in brackets)\n")
-    print(f"{'method':16s} {'mergekit s':>22s} {'evomerge s':>22s} {'speed-up':>9s} {'max |diff|':>11s} "
-          f"{'entries off':>14s}")
+    print(f"wall seconds per command, new process each, best of {args.repeats} (all runs in brackets); speed-up of "
+          f"the best runs, and of the median runs\n")
+    width = 7 + 6 * args.repeats
+    print(f"{'method':16s} {'mergekit s':>{width}s} {'evomerge s':>{width}s} {'speed-up':>9s} {'median':>7s} "
+          f"{'max |diff|':>11s} {'entries off':>14s}")
     for method, times, agree in rows:
         mk_s, ev_s = min(times["mergekit"]), min(times["evomerge"])
         runs = {k: "[" + ", ".join(f"{t:.1f}" for t in v) + "]" for k, v in times.items()}
-        print(f"{method:16s} {mk_s:7.2f} {runs['mergekit']:>14s} {ev_s:7.2f} {runs['evomerge']:>14s} "
-              f"{mk_s / ev_s:8.2f}x {agree['max_abs']:11.2e} {agree['off']:>7d}/{agree['total'] / 1e6:.0f}M")
+        median = statistics.median(times["mergekit"]) / statistics.median(times["evomerge"])
+        print(f"{method:16s} {mk_s:7.2f} {runs['mergekit']:>{width - 8}s} {ev_s:7.2f} {runs['evomerge']:>{width - 8}s} "
+              f"{mk_s / ev_s:8.2f}x {median:6.2f}x {agree['max_abs']:11.2e} "
+              f"{agree['off']:>7d}/{agree['total'] / 1e6:.0f}M")
         for p in agree["problems"]:
             print(f"    {p}")
     return 0 if all(not a["problems"] for _, _, a in rows) else 1
