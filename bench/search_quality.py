@@ -10,8 +10,9 @@ experts (``python -m evomerge.zoo.smollm2 DIR --experts``). Every model is score
 Baselines: each expert alone, uniform task arithmetic, task arithmetic at weight 1, default TIES and
 DARE-TIES. Searches, each with the same budget of evaluations and the same seeds: random search, CMA-ES
 in parameter space (TIES and task arithmetic, 3 layer groups), CMA-ES in the data-flow space (a layer path
-through the first two experts, 2 repeats, per-slot scales), M2N2 over task-arithmetic genomes and over
-whole models.
+that starts as the expert with the best search score and may take layers of the second best, 2 repeats,
+per-slot scales), M2N2 over task-arithmetic genomes and over whole models. The experts are ranked on the
+search split only: the held-out split decides nothing before the final table.
 
 For every search the pick is the candidate with the best *search* scalar (mean over skills); the tables
 report its *held-out* score (mean over every skill's held-out items). Intervals are 95% bootstrap
@@ -83,8 +84,9 @@ def config(zoo: Zoo, name, seed, budget, space, optimizer, run_root, args):
     return parse_search_config(data, Path("/"))
 
 
-def strategies(zoo: Zoo) -> dict[str, tuple[dict, dict]]:
-    a, b = list(zoo.experts)[:2]
+def strategies(zoo: Zoo, ranked: list[str]) -> dict[str, tuple[dict, dict]]:
+    """The searches; ``ranked``: the experts' skills, best search score first (the data-flow path's models)."""
+    a, b = ranked[:2]
     ties = {"kind": "parameters", "method": "ties", "layer_groups": 3}
     ta = {"kind": "parameters", "method": "task_arithmetic", "layer_groups": 3}
     dfs = {"kind": "dataflow", "model_a": str(zoo.experts[a]), "model_b": str(zoo.experts[b]), "repeats": 2}
@@ -111,9 +113,10 @@ def held_items(results: dict, cfg) -> np.ndarray:
     return _items((r["metric"], r["scores"]) for r in splits)
 
 
-def scored_items(res: dict, tasks) -> np.ndarray:
-    """The same from ``evaluator.score``'s output (EvalResult objects)."""
-    return _items((r.metric, r.scores) for r in (res[t.task.name][t.heldout_split] for t in tasks))
+def scored_items(res: dict, tasks, split: str = "heldout_split") -> np.ndarray:
+    """The same from ``evaluator.score``'s output (EvalResult objects); ``split``: the tasks' field naming
+    the split (``search_split`` for the search items)."""
+    return _items((r.metric, r.scores) for r in (res[t.task.name][getattr(t, split)] for t in tasks))
 
 
 def pick(run_dir: Path, cfg) -> dict:
@@ -129,7 +132,9 @@ def pick(run_dir: Path, cfg) -> dict:
             "hv": hypervolume(points), "hv_pairs": float(np.mean(pairs)), "evaluations": len(av.candidates)}
 
 
-def baselines(zoo: Zoo, args) -> dict[str, np.ndarray]:
+def baselines(zoo: Zoo, args) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Held-out items of every baseline, and the experts' skills ranked by their search-split score (best
+    first; ties keep the zoo's order)."""
     from evomerge.recipe.load import parse_recipe
     from evomerge.search.evaluator import InProcessEvaluator, make_backend, score
     from evomerge.search.setup import load_tasks
@@ -151,15 +156,17 @@ def baselines(zoo: Zoo, args) -> dict[str, np.ndarray]:
         "default TIES (w=1, density 0.5)": recipe("ties", 1.0),
         "default DARE-TIES (w=1, density 0.5)": recipe("dare_ties", 1.0, seed=0),
     }
-    out = {}
+    out, search = {}, {}
     for skill, path in zoo.experts.items():
         backend = make_backend("hf", path, device=args.device, dtype=None, batch_size=64, options={})
-        out[f"expert '{skill}' alone"] = scored_items(score(tasks, backend, heldout=True), tasks)
+        res = score(tasks, backend, heldout=True)
+        out[f"expert '{skill}' alone"] = scored_items(res, tasks)
+        search[skill] = float(scored_items(res, tasks, "search_split").mean())
         del backend
     for name, raw in recipes.items():
         out[name] = scored_items(ev.evaluate(parse_recipe(raw)).results, tasks)
     ev.close()
-    return out
+    return out, sorted(search, key=lambda k: -search[k])
 
 
 def main() -> int:
@@ -191,7 +198,7 @@ def main() -> int:
           f"{'in process' if args.no_ray else 'local Ray actors'}; torch {torch.__version__}")
     print(f"zoo {zoo.root} (skills {', '.join(zoo.experts)}); budget {args.budget} evaluations; seeds {args.seeds}")
 
-    base = baselines(zoo, args)
+    base, ranked = baselines(zoo, args)
     n_items = len(next(iter(base.values())))
     print(f"held-out: {n_items} items over {len(zoo.experts)} skills\n")
     print(f"{'baseline':44s} {'held-out [95% CI]':>24s}")
@@ -200,12 +207,12 @@ def main() -> int:
         print(f"{name:44s} {items.mean():8.3f} [{lo:.3f}, {hi:.3f}]")
     best_name = max(base, key=lambda k: base[k].mean())
     best = base[best_name]
-    print(f"best baseline: {best_name} ({best.mean():.3f})\n")
+    print(f"best baseline: {best_name} ({best.mean():.3f}); experts by search score: {', '.join(ranked)}\n")
 
     print(f"{'search, per seed':44s} {'held-out [95% CI]':>24s} {'search':>7s} {'HV':>7s} {'HV pairs':>8s} "
           f"{'evals':>5s} {'s':>6s}")
     summary = []
-    for name, (space, optimizer) in strategies(zoo).items():
+    for name, (space, optimizer) in strategies(zoo, ranked).items():
         if args.only and not any(s in name for s in args.only):
             continue
         picks = []
