@@ -81,7 +81,7 @@ def config(zoo: Zoo, name, seed, budget, space, optimizer, run_root, args):
         "optimizer": optimizer,
         "budget": {"evaluations": budget},
     }
-    return parse_search_config(data, Path("/"))
+    return parse_search_config(data, Path.cwd())
 
 
 def strategies(zoo: Zoo, ranked: list[str]) -> dict[str, tuple[dict, dict]]:
@@ -174,7 +174,8 @@ def main() -> int:
     parser.add_argument("--zoo", default=os.environ.get("EVOMERGE_ZOO", "bench/.cache/zoo"))
     parser.add_argument("--budget", type=int, default=100)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", default="bench/.cache/bench-search", help="where the runs live (reused)")
+    parser.add_argument("--out", default="bench/.cache/bench-search", help="where the runs live: a run already there is reused (and continued if cut short), "
+                             "its time shown as 'reused'")
     parser.add_argument("--only", nargs="*", default=None, help="substrings of strategy names to run")
     parser.add_argument("--device", default="cpu", help="evaluation device (cpu, cuda)")
     parser.add_argument("--no-ray", action="store_true", help="evaluate in this process instead of Ray actors")
@@ -186,7 +187,7 @@ def main() -> int:
     hf_logging.disable_progress_bar()
     if args.device == "cpu":
         torch.set_num_threads(1)
-    from evomerge.search.run import start_run
+    from evomerge.search.run import resume_run, start_run
 
     start = time.perf_counter()
     zoo = open_zoo(args.zoo)
@@ -221,14 +222,17 @@ def main() -> int:
             cfg = config(zoo, slug, seed, args.budget, space, optimizer, run_root, args)
             run_dir = Path(cfg.run_dir)
             t = time.perf_counter()
-            if not (run_dir / "journal.jsonl").exists():
+            reused = (run_dir / "journal.jsonl").exists()
+            if reused:  # from an earlier run of this benchmark: continued if it was cut short
+                resume_run(run_dir, progress=False)
+            else:
                 start_run(cfg, run_dir, progress=False)
             seconds = time.perf_counter() - t
             p = pick(run_dir, cfg) | {"seconds": seconds}
             picks.append(p)
             lo, hi = bootstrap(p["held"], rng)
             print(f"{name + f' / seed {seed}':44s} {p['held'].mean():8.3f} [{lo:.3f}, {hi:.3f}] {p['search']:7.3f} "
-                  f"{p['hv']:7.4f} {p['hv_pairs']:8.4f} {p['evaluations']:5d} {seconds:6.0f}")
+                  f"{p['hv']:7.4f} {p['hv_pairs']:8.4f} {p['evaluations']:5d} {'reused' if reused else f'{seconds:6.0f}'}")
             sys.stdout.flush()
         summary.append((name, picks))
 
