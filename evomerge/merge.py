@@ -69,11 +69,26 @@ def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device | str = "
     if structure is not None and fused.wanted(structure, numel, torch.device(device)):
         out = _merge_fused(plan, job, raws, torch.device(device))
         if out is not None:
-            return out
+            return _stored(plan, job, out)
     start = time.perf_counter()
     out = _merge_eager(plan, job, device, raws, borrow)
     if structure is not None:
         fused.note_eager(structure, time.perf_counter() - start)
+    return _stored(plan, job, out)
+
+
+def _stored(plan: MergePlan, job: TensorJob, out: torch.Tensor) -> torch.Tensor:
+    """``out`` as a float16 output stores it, refused if the cast overflowed; other outputs unchanged.
+
+    Every value was checked finite in float32, but float16 ends at 65504: a larger merged value would be
+    written as infinity. bfloat16 shares float32's range."""
+    if job.out.dtype != torch.float16:
+        return out
+    out = out.to(torch.float16)
+    if not bool(torch.isfinite(out).all()):
+        raise NonFiniteError(f"the merged tensor '{job.out.name}' (method {plan.method.name}) overflows float16 "
+                             "(largest finite value 65504): write bfloat16 or float32 (the recipe's dtype), or "
+                             "merge with smaller weights")
     return out
 
 

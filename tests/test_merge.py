@@ -195,6 +195,35 @@ def test_nan_weights_are_refused_and_nothing_is_written(tmp_path, zoo):
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial*"))
 
 
+@pytest.mark.parametrize("chunk", [1 << 30, 64])
+def test_merge_overflowing_float16_is_refused(tmp_path, zoo, monkeypatch, chunk):
+    """A finite float32 merge above float16's 65504 is refused naming the tensor, on the whole-tensor and the
+    eager chunked path; the same recipe written as bfloat16 keeps the value."""
+    import evomerge.merge as m
+
+    monkeypatch.setenv("EVOMERGE_COMPILE", "0")
+    monkeypatch.setattr(m, "CHUNK", chunk)
+    name = "model.layers.1.mlp.up_proj.weight"
+    big = with_bad_value(tmp_path, zoo["e1"], "big", name, (2, 3), 50000.0)
+    text = (f"method: task_arithmetic\nbase: {zoo['base']}\ndtype: DTYPE\n"
+            f"sources: [{{model: {big}, parameters: {{weight: 2.0}}}}]\n")
+    with pytest.raises(NonFiniteError, match=rf"merged tensor '{name}' \(method task_arithmetic\) overflows float16"):
+        merge(tmp_path, text.replace("DTYPE", "float16"))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial*"))
+    out, _ = merge(tmp_path, text.replace("DTYPE", "bfloat16"), "wide")
+    assert float(load_file(out / "model.safetensors")[name][2, 3]) > 65504
+
+
+def test_passthrough_overflowing_float16_is_refused(tmp_path, zoo):
+    """A layer slice passed through into a float16 output is refused if one of its values exceeds 65504."""
+    name = "model.layers.0.self_attn.q_proj.weight"
+    big = with_bad_value(tmp_path, zoo["e1"], "big", name, (0, 1), -70000.0)
+    text = f"method: passthrough\ndtype: float16\nslices:\n  - sources: [{{model: {big}, layer_range: [0, 2]}}]\n"
+    with pytest.raises(NonFiniteError, match=rf"merged tensor '{name}' \(method passthrough\) overflows float16"):
+        merge(tmp_path, text)
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_tensor(tmp_path, zoo):
     bad = tmp_path / "missing"
     shutil.copytree(zoo["e2"], bad)

@@ -215,6 +215,17 @@ def test_nan_input_is_named_on_the_compiled_path(tmp_path, zoo, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
+def test_overflowing_float16_is_refused_on_the_compiled_path(tmp_path, zoo, monkeypatch):
+    fused_everywhere(monkeypatch)
+    name = "model.layers.1.mlp.up_proj.weight"
+    big = with_bad_value(tmp_path, zoo["e1"], "big", name, (2, 3), 70000.0)  # the largest task vector entry: kept
+    text = recipe_for(zoo, extra="dtype: float16").replace(str(zoo["e1"]), str(big))
+    with pytest.raises(NonFiniteError, match=rf"merged tensor '{name}' \(method ties\) overflows float16"):
+        merge(tmp_path, text)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("method,params", [
     ("task_arithmetic", ""), ("linear", ""), ("ties", ", density: 0.5"), ("dare_ties", ", density: 0.5"),
     ("della", ", density: 0.5, epsilon: 0.1"), ("breadcrumbs", ", density: 0.6, gamma: 0.1"),
