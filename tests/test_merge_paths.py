@@ -103,25 +103,22 @@ def test_overflowing_slerp_output_is_refused_on_the_chunked_path(tmp_path, zoo, 
         assert not (tmp_path / f"out{chunk}").exists()
 
 
-def test_nan_input_is_named_on_the_chunked_slerp_path(tmp_path, zoo, monkeypatch):
-    import evomerge.merge as m
-
-    monkeypatch.setattr(m, "CHUNK", 64)
-    bad = with_bad_value(tmp_path, zoo["e2"], "nan", "model.layers.2.mlp.down_proj.weight", (1, 5), float("nan"))
-    text = f"method: slerp\nsources: [{{model: {zoo['e1']}}}, {{model: {bad}}}]\nparameters: {{t: 0.5}}\n"
-    with pytest.raises(NonFiniteError, match=r"down_proj.weight' of model '.*nan' contains NaN or infinity"):
-        merge(tmp_path, text)
-    assert not (tmp_path / "out").exists()
-
-
-def test_nan_input_is_named_on_the_chunked_path(tmp_path, zoo, monkeypatch):
+@pytest.mark.parametrize("method", ["slerp", "task_arithmetic"])
+def test_nan_input_is_named_on_the_chunked_paths(tmp_path, zoo, monkeypatch, method):
+    """A NaN (SLERP's statistics pass) or an infinity (the eager task-vector chunk loop) in one source is
+    named with its model, and nothing is written."""
     import evomerge.merge as m
 
     monkeypatch.setenv("EVOMERGE_COMPILE", "0")
     monkeypatch.setattr(m, "CHUNK", 64)
-    bad = with_bad_value(tmp_path, zoo["e1"], "inf", "model.layers.1.mlp.up_proj.weight", (3, 3), float("inf"))
-    text = f"method: task_arithmetic\nbase: {zoo['base']}\nsources: [{{model: {bad}, parameters: {{weight: 0.0}}}}]\n"
-    with pytest.raises(NonFiniteError, match=r"up_proj.weight' of model '.*inf' contains NaN or infinity"):
+    name = "model.layers.1.mlp.up_proj.weight"
+    if method == "slerp":
+        bad = with_bad_value(tmp_path, zoo["e2"], "bad", name, (1, 5), float("nan"))
+        text = f"method: slerp\nsources: [{{model: {zoo['e1']}}}, {{model: {bad}}}]\nparameters: {{t: 0.5}}\n"
+    else:
+        bad = with_bad_value(tmp_path, zoo["e1"], "bad", name, (3, 3), float("inf"))
+        text = f"method: task_arithmetic\nbase: {zoo['base']}\nsources: [{{model: {bad}, parameters: {{weight: 0.0}}}}]\n"
+    with pytest.raises(NonFiniteError, match=rf"{name}' of model '.*bad' contains NaN or infinity"):
         merge(tmp_path, text)
     assert not (tmp_path / "out").exists()
 

@@ -92,6 +92,13 @@ def _run_killing_a_worker(cfg, run_dir: Path, after: int):
     return summary
 
 
+def _assert_as_in_process(summary, run_dir, ref) -> None:
+    """All 8 candidates evaluated, none failed, each exactly once, in the in-process run's trace."""
+    assert summary.evaluated == 8 and summary.failed == 0
+    assert trace(run_dir) == trace(ref)
+    assert all(n == 1 for n in results_per_hash(run_dir).values())
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_killed_worker_costs_only_its_candidate(cluster, local_reference, tmp_path):
@@ -99,9 +106,7 @@ def test_a_killed_worker_costs_only_its_candidate(cluster, local_reference, tmp_
     cfg, ref = local_reference
     run_dir = tmp_path / "run"
     summary = _run_killing_a_worker(ray_config(cfg, c.address), run_dir, 2)
-    assert summary.evaluated == 8 and summary.failed == 0
-    assert trace(run_dir) == trace(ref)
-    assert all(n == 1 for n in results_per_hash(run_dir).values())
+    _assert_as_in_process(summary, run_dir, ref)
 
 
 @pytest.mark.ray
@@ -122,9 +127,7 @@ def test_removing_a_node_mid_run(cluster, local_reference, tmp_path):
     assert removed
     nodes.remove(removed[0])
     nodes.append(c.add_node(num_cpus=1))  # leave the cluster as it was for other tests
-    assert summary.evaluated == 8 and summary.failed == 0
-    assert trace(run_dir) == trace(ref)
-    assert all(n == 1 for n in results_per_hash(run_dir).values())
+    _assert_as_in_process(summary, run_dir, ref)
 
 
 @pytest.mark.ray
