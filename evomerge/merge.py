@@ -117,9 +117,31 @@ def _merge_fused(plan: MergePlan, job: TensorJob, raws: list[torch.Tensor],
     try:
         return chunked.run_fused(plan.method.fn, flats, list(job.model_params), job.global_params, job.ctx, out,
                                  scale=scaling.scale(job.ctx.depth) if scaling is not None else 1.0,
-                                 on_nonfinite=on_nonfinite)
+                                 on_nonfinite=on_nonfinite, histograms=_KeptHistograms(plan, job))
     except fused.Unavailable:
         return None
+
+
+class _KeptHistograms(chunked.HistogramStore):
+    """Magnitude histograms kept with each source's open checkpoint (``Checkpoint.derived``), keyed by the
+    tensor and the base's opening: a search's later candidates with other densities reuse them, and a
+    checkpoint that changes on disk is opened afresh, without them."""
+
+    def __init__(self, plan: MergePlan, job: TensorJob):
+        self.plan, self.job = plan, job
+
+    def _where(self, i: int) -> tuple[dict, tuple]:
+        ref, base = self.job.inputs[i], self.job.base
+        return self.plan.checkpoints[ref.model].derived, \
+            ("magnitudes", ref.name, self.plan.checkpoints[base.model].opening, base.name)
+
+    def get(self, i: int):
+        kept, key = self._where(i)
+        return kept.get(key)
+
+    def put(self, i: int, histogram) -> None:
+        kept, key = self._where(i)
+        kept[key] = histogram
 
 
 def _merge_eager(plan: MergePlan, job: TensorJob, device: torch.device | str, raws: list[torch.Tensor],

@@ -262,3 +262,54 @@ def test_borrowed_sources_are_never_written(tmp_path, zoo, method, params):
         assert torch.equal(first[name], value), name
         # run_merge computes with one thread fewer: reductions (model stock, TSV's SVD) may round differently
         torch.testing.assert_close(out[name], value.to(out[name].dtype), rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_search_merges_reuse_magnitude_histograms_until_a_source_changes(tmp_path, zoo, monkeypatch):
+    """Candidates with new densities through one CheckpointCache (as a search's evaluator merges): the
+    histograms built by the first are kept with the open source checkpoints and settle the later ones to
+    the eager result; a source rewritten on disk is reopened without them."""
+    from evomerge.checkpoint.reader import CheckpointCache
+    from evomerge.merge import merge_tensor
+    from evomerge.recipe.schema import Recipe
+
+    e1 = tmp_path / "e1"
+    shutil.copytree(zoo["e1"], e1)
+
+    def plan_for(density: float, cache):
+        return build_plan(Recipe.model_validate({
+            "method": "ties", "base": str(zoo["base"]),
+            "sources": [{"model": str(e1), "parameters": {"weight": 0.6, "density": density}},
+                        {"model": str(zoo["e2"]), "parameters": {"weight": 0.4, "density": 1.0 - density}}]}),
+            tmp_path, checkpoints=cache)
+
+    def merged(plan):
+        return {j.out.name: merge_tensor(plan, j, borrow=True) for j in plan.jobs}
+
+    def agrees(plan) -> None:
+        got = merged(plan)
+        monkeypatch.setenv("EVOMERGE_COMPILE", "0")
+        want = merged(plan)
+        monkeypatch.setenv("EVOMERGE_COMPILE", "1")
+        for name, t in want.items():
+            torch.testing.assert_close(got[name], t, rtol=1e-6, atol=1e-7 * float(t.abs().max()))
+
+    fused = fused_everywhere(monkeypatch)
+    cache = CheckpointCache()
+    first = plan_for(0.3, cache)
+    source = first.checkpoints[1]  # base first, then the sources
+    agrees(first)
+    kept = dict(source.derived)
+    assert kept and all(key[0] == "magnitudes" for key in kept)
+    calls = fused.stats["calls"]
+    agrees(plan_for(0.6, cache))
+    assert source.derived == kept  # the same histograms, none built anew
+    assert fused.stats["calls"] > calls
+    sd = load_file(e1 / "model.safetensors")
+    name = "model.layers.1.mlp.up_proj.weight"
+    sd[name] = sd[name] * 3.0
+    save_file(sd, e1 / "model.safetensors", metadata={"format": "pt"})
+    changed = plan_for(0.6, cache)
+    assert changed.checkpoints[1] is not source and not changed.checkpoints[1].derived
+    agrees(changed)
+    cache.close()

@@ -12,6 +12,7 @@ disk is opened afresh on its next use.
 
 from __future__ import annotations
 
+import itertools
 import json
 import mmap
 import os
@@ -23,6 +24,8 @@ from pathlib import Path
 import torch
 
 from evomerge.errors import CheckpointError
+
+_OPENINGS = itertools.count()  # tells apart every Checkpoint made in this process
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -95,6 +98,10 @@ class Checkpoint:
         # Names whose values a merge has found finite in this opening of the files (a checkpoint that
         # changes on disk is opened afresh by CheckpointCache, with an empty set).
         self.finite: set[str] = set()
+        # What merges derived from these files and may reuse while they are unchanged (e.g. the magnitude
+        # histograms of task vectors against a base, keyed with that base's ``opening``).
+        self.derived: dict[tuple, object] = {}
+        self.opening = next(_OPENINGS)
         self._pickled: dict[Path, dict] = {}
         self._meta = self._index(allow_pickle)
 
@@ -261,6 +268,7 @@ class Checkpoint:
         self._fds.clear()
         self._views.clear()
         self.finite.clear()
+        self.derived.clear()
         self._maps.clear()  # unmapped once no tensor views them (what borrow handed out keeps its pages)
         self._pickled.clear()
 

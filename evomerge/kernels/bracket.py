@@ -67,15 +67,24 @@ class Bracket:
     def __init__(self, k: int, n: int, sample: torch.Tensor):
         if not 0 < k < n:
             raise ValueError(f"a bracket needs 0 < k < n, got k={k}, n={n}")
-        self.k, self.n = k, n
         sample = sample.reshape(-1).float()
         s = sample.numel()
         p = k / n
         expected = p * s  # sample values at or above the k-th largest, on average
         margin = SIGMAS * math.sqrt(s * p * (1.0 - p)) + 4.0
         upper, lower = math.floor(expected - margin), math.ceil(expected + margin)
-        self.hi = float(torch.kthvalue(sample, s - upper + 1).values) if upper >= 1 else math.inf
-        self.lo = float(torch.kthvalue(sample, s - lower + 1).values) if lower <= s else -math.inf
+        self._start(k, n, float(torch.kthvalue(sample, s - lower + 1).values) if lower <= s else -math.inf,
+                    float(torch.kthvalue(sample, s - upper + 1).values) if upper >= 1 else math.inf)
+
+    @classmethod
+    def between(cls, k: int, n: int, lo: float, hi: float) -> Bracket:
+        """A bracket [lo, hi] known to hold the k-th largest (from exact counts): no sample, never missed."""
+        bracket = cls.__new__(cls)
+        bracket._start(k, n, lo, hi)
+        return bracket
+
+    def _start(self, k: int, n: int, lo: float, hi: float) -> None:
+        self.k, self.n, self.lo, self.hi = k, n, lo, hi
         self._counts: list[torch.Tensor] = []
         self._positions: list[torch.Tensor] = []
         self._values: list[torch.Tensor] = []

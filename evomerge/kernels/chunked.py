@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterator
 import torch
 
 from evomerge.kernels import fused
-from evomerge.kernels.bracket import Bracket, delta_magnitude, in_eager, sample_positions
+from evomerge.kernels.bracket import Bracket, Settled, delta_magnitude, in_eager, sample_positions
+from evomerge.kernels.histogram import HistogramBuilder, MagnitudeHistogram, impure_bounds
 from evomerge.kernels.registry import TensorContext
 from evomerge.kernels.select import BLOCK, StreamTopK, exact_count, stream_keys, uniform
 from evomerge.kernels.taskvector import (
@@ -150,14 +151,29 @@ def fused_structure(pipe, dtypes: tuple[torch.dtype, ...], out_dtype: torch.dtyp
     return kind, type(pipe.consensus) is SignElection, len(dtypes) - 1, dtypes, out_dtype
 
 
+class HistogramStore:
+    """Where ``run_fused`` keeps the magnitude histograms of one tensor's task vectors for later merges of the
+    same inputs: ``get(i)`` the histogram of source i against the base (None if not kept), ``put(i, h)``."""
+
+    def get(self, i: int) -> MagnitudeHistogram | None:
+        return None
+
+    def put(self, i: int, histogram: MagnitudeHistogram) -> None:
+        pass
+
+
 def run_fused(pipe: TaskVectorPipeline, raws: list[torch.Tensor], mps, gp, ctx: TensorContext, out: torch.Tensor,
-              *, scale: float = 1.0, on_nonfinite: Callable[[int, int], None] | None = None) -> torch.Tensor:
+              *, scale: float = 1.0, on_nonfinite: Callable[[int, int], None] | None = None,
+              histograms: HistogramStore | None = None) -> torch.Tensor:
     """Merge into ``out`` like ``run_chunked`` (then depth scaling by ``scale``) with compiled kernels.
 
     ``raws``: flat sources then the base, stored dtype, on ``out``'s device (CPU: inductor's C++ kernels;
-    CUDA: triton). ``on_nonfinite(start, end)`` runs for the chunks whose inputs or result are not all
-    finite, in order, once every result is in ``out`` (it raises, naming the culprit). Raises
+    CUDA: triton). ``on_nonfinite(start, end)`` runs for the chunks (or pieces of chunks) whose inputs or
+    result are not all finite, in order, once every result is in ``out`` (it raises, naming the culprit). Raises
     ``fused.Unavailable`` if a kernel cannot be compiled; ``out`` is then partly written.
+
+    Top-k selections (TIES) on the CPU are settled from magnitude histograms (``_settle_by_histograms``),
+    taken from ``histograms`` where it keeps them and given to it when built; elsewhere from sampled brackets.
     """
     kind, sign, count, dtypes, _ = fused_structure(pipe, tuple(r.dtype for r in raws), out.dtype)
     device = out.device
@@ -178,7 +194,11 @@ def run_fused(pipe: TaskVectorPipeline, raws: list[torch.Tensor], mps, gp, ctx: 
         return out
     sels = [_selections(pipe, mp, n, device) if kind in ("topk", "band") else [] for mp in mps]
     live = [(i, s) for i, row in enumerate(sels) for s in row if not s.trivial]
-    if live:
+    by_histogram = kind == "topk" and device.type == "cpu"
+    if live and by_histogram:
+        _settle_by_histograms(live, raws, spans, dtypes, histograms or HistogramStore())
+        _find_cuts(live, raws, spans, dtypes)
+    elif live:
         _settle(live, raws, spans, dtypes)
     weights = [mp.weight for mp in mps]
     normalize = gp.normalize if pipe.normalize is None else pipe.normalize
@@ -189,6 +209,9 @@ def run_fused(pipe: TaskVectorPipeline, raws: list[torch.Tensor], mps, gp, ctx: 
         drop = kind == "drop" and mp.density < 1.0
         p = mp.density if drop else 1.0
         fp += [mp.weight, *bounds, p, p if drop and gp.rescale == "inverse" else 1.0]
+    if by_histogram:
+        _combine_above(fp, sels, raws, spans, sign, flat, on_nonfinite)
+        return out
     fp = torch.tensor(fp, dtype=torch.float32, device=device)
     combine = fused.kernel(("pipe", kind, sign, count, dtypes, out.dtype),
                            lambda: fused.pipe_body(count, kind, sign), device)
@@ -204,6 +227,109 @@ def run_fused(pipe: TaskVectorPipeline, raws: list[torch.Tensor], mps, gp, ctx: 
     return out
 
 
+def _combine_above(fp: list[float], sels, raws: list[torch.Tensor], spans, sign: bool, flat: torch.Tensor,
+                   on_nonfinite) -> None:
+    """The combining pass of top-k selections settled with their tie cuts: every chunk is split where a
+    selection stops keeping its ties, so each piece keeps |t| above one bound per model (kernel kind 'above')."""
+    count = len(raws) - 1
+    device = flat.device
+    dtypes = tuple(r.dtype for r in raws)
+    combine = fused.kernel(("pipe", "above", sign, count, dtypes, flat.dtype),
+                           lambda: fused.pipe_body(count, "above", sign), device)
+    ip = torch.zeros(1 + 4 * count, dtype=torch.int64, device=device)
+    zero = torch.zeros((), dtype=torch.float32, device=device)
+    cuts = sorted({s.cut for row in sels for s in row if s.cut is not None})
+    flags, pieces = [], []
+    for a, b in spans:
+        points = [a, *(c for c in cuts if a < c < b), b]
+        for lo, hi in zip(points[:-1], points[1:], strict=True):
+            for i, row in enumerate(sels):
+                fp[6 + 5 * i] = _bound(row[0], lo, hi) if row else -1.0
+            params = torch.tensor(fp, dtype=torch.float32, device=device)
+            if hi - lo == 1:  # one entry: run it twice, a length-1 input would compile a kernel of its own
+                dst = torch.empty(2, dtype=flat.dtype, device=device)
+                flags.append(combine(*[r[lo:hi].repeat(2) for r in raws], params, ip, zero, dst))
+                flat[lo:hi] = dst[:1]
+            else:
+                flags.append(combine(*[r[lo:hi] for r in raws], params, ip, zero, flat[lo:hi]))
+            pieces.append((lo, hi))
+    _check(flags, pieces, on_nonfinite)
+
+
+def _below(x: float) -> float:
+    """The float32 just below float32 ``x``."""
+    return float(torch.nextafter(torch.tensor(x, dtype=torch.float32), torch.tensor(-math.inf)))
+
+
+def _bound(s: StreamTopK, start: int, end: int) -> float:
+    """The magnitude that entries of [start, end) must exceed to be kept by selection ``s``; the piece lies
+    wholly before or after the selection's tie cut. Ties of a zero threshold are kept: keeping a zero entry
+    of a task vector changes nothing."""
+    if s.trivial:
+        return -1.0 if s.k > 0 else math.inf
+    if s.ties_wanted == s.ties_total or s.threshold == 0.0 or (s.cut is not None and end <= s.cut):
+        return _below(s.threshold)
+    return s.threshold
+
+
+def _settle_by_histograms(live, raws: list[torch.Tensor], spans, dtypes, store: HistogramStore) -> None:
+    """Settle the live top-k selections from each source's magnitude histogram (kernels/histogram.py), built
+    by one fused pass where ``store`` has none. A threshold equal to its bucket's value is exact at
+    once; otherwise the bucket's impure members bound an exact bracket for one counting pass."""
+    count = len(raws) - 1
+    device = raws[-1].device
+    models = sorted({i for i, _ in live})
+    hists = {i: store.get(i) for i in models}
+    missing = tuple(i for i in models if hists[i] is None)
+    if missing:
+        keys = fused.kernel(("keys", count, dtypes, missing), lambda: fused.histogram_keys_body(count, missing),
+                            device, exact_casts=True)
+        builders = [HistogramBuilder(device) for _ in missing]
+        for a, b in spans:
+            out = keys(*[r[a:b] for r in raws])
+            for j, builder in enumerate(builders):
+                key, mark, impure, largest = out[4 * j: 4 * j + 4]
+                builder.add(key.view(torch.int16), mark.view(torch.int16) if float(impure) else None, float(largest))
+        for i, builder in zip(missing, builders, strict=True):
+            hists[i] = builder.finish()
+            store.put(i, hists[i])
+    brackets = []
+    for i, s in live:
+        at = hists[i].locate(s.k)
+        if s.k - at.above > at.impure:  # the k-th largest is the bucket's value, which its pure members equal
+            s.settle(Settled(at.value, at.above + at.impure, at.count - at.impure, None))
+        else:
+            brackets.append((i, s, Bracket.between(s.k, s.n, *impure_bounds(at.key))))
+    for group in range(0, len(brackets), 8):
+        _observe(brackets[group:group + 8], raws, spans, dtypes)
+    rest = _resolve(brackets)
+    if rest:  # NaN among the magnitudes: the counts do not add up (the merge then names the culprit)
+        _settle_exactly(rest, raws, spans, dtypes)
+
+
+def _find_cuts(live, raws: list[torch.Tensor], spans, dtypes) -> None:
+    """The tie cut of every settled selection that keeps some but not all entries equal to its threshold:
+    one past the position of the last kept tie, found by counting ties chunk by chunk until it is reached."""
+    pending = [(i, s) for i, s in live
+               if s.cut is None and s.ties_wanted < s.ties_total and s.threshold != 0.0]
+    if not pending:
+        return
+    ties = _TieCounter(pending, raws, dtypes)
+    seen = [0] * len(pending)
+    for a, b in spans:
+        for j, (i, s) in enumerate(pending):
+            if s.cut is not None:
+                continue
+            found = ties.count(s, a, b)()
+            wanted = s.ties_wanted - seen[j]
+            if found >= wanted:
+                s.cut = ties.nth(i, s, a, b)(wanted) + 1
+            seen[j] += found
+        if all(s.cut is not None for _, s in pending):
+            return
+    raise RuntimeError("fewer ties than counted: the inputs changed during the merge")
+
+
 def _check(flags: list[torch.Tensor], spans, on_nonfinite) -> None:
     """Call ``on_nonfinite(a, b)`` for each chunk [a, b) whose merging kernel's flag is not 0 (NaN: some input
     or result entry is not finite). One read of all flags: no device round trip per chunk."""
@@ -217,14 +343,18 @@ def _check(flags: list[torch.Tensor], spans, on_nonfinite) -> None:
 def _settle(live, raws: list[torch.Tensor], spans, dtypes) -> None:
     """Settle every live StreamTopK: from sampled brackets and one fused counting pass where the k-th largest
     lies in its bracket, else by two histogram passes with fused kernels computing the keys."""
-    count = len(raws) - 1
-    device = raws[-1].device
     brackets = _brackets(live, raws, spans[-1][1])
     for group in range(0, len(brackets), 8):  # one uint8 of flags per entry holds the bits of 8 selections
         _observe(brackets[group:group + 8], raws, spans, dtypes)
-    live = _resolve(brackets)
+    _settle_exactly(_resolve(brackets), raws, spans, dtypes)
+
+
+def _settle_exactly(live, raws: list[torch.Tensor], spans, dtypes) -> None:
+    """Settle selections by two exact histogram passes (StreamTopK) with fused kernels computing the keys."""
     if not live:
         return
+    count = len(raws) - 1
+    device = raws[-1].device
     models = tuple(sorted({i for i, _ in live}))
     bits = fused.kernel(("bits", count, dtypes, models), lambda: fused.magnitude_bits_body(count, models), device)
 

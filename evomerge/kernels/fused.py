@@ -109,10 +109,11 @@ EAGER_NUMERICS = {"emulate_precision_casts": True, "eager_numerics.division_roun
                   "eager_numerics.disable_ftz": True}
 
 
-def _compile_options(device_type: str) -> dict:
-    """torch.compile options for kernels on ``device_type``: eager numerics on CUDA."""
+def _compile_options(device_type: str, exact_casts: bool = False) -> dict:
+    """torch.compile options for kernels on ``device_type``: eager numerics on CUDA; with ``exact_casts``,
+    every cast to a lower precision rounds as written (inductor otherwise may keep the float32 value)."""
     if device_type != "cuda":
-        return {}
+        return {"emulate_precision_casts": True} if exact_casts else {}
     from torch._inductor import config
 
     def known(key: str) -> bool:
@@ -129,12 +130,12 @@ def _compile_options(device_type: str) -> dict:
 class _Compiled:
     """One compiled kernel; the first call compiles (timed into ``stats``), any failure disables fusing."""
 
-    def __init__(self, key: tuple, body: Callable, device_type: str = "cpu"):
+    def __init__(self, key: tuple, body: Callable, device_type: str = "cpu", exact_casts: bool = False):
         # Dynamo keeps compiled variants, and its recompile limit, per code object: give every
         # structure's kernel a code object of its own rather than one template told apart by closures.
         code = body.__code__.replace(co_name=f"{body.__name__}_{len(_kernels)}")
         fresh = type(body)(code, body.__globals__, code.co_name, body.__defaults__, body.__closure__)
-        options = _compile_options(device_type)
+        options = _compile_options(device_type, exact_casts)
         self.key, self.ready = key, False
         self.fn = torch.compile(fresh, dynamic=True, fullgraph=True, **({"options": options} if options else {}))
 
@@ -157,12 +158,14 @@ class _Compiled:
         return out
 
 
-def kernel(structure: tuple, build: Callable[[], Callable], device: torch.device | str = "cpu") -> _Compiled:
-    """The compiled kernel for ``structure`` on ``device``'s type (``build()`` returns its body on first use)."""
+def kernel(structure: tuple, build: Callable[[], Callable], device: torch.device | str = "cpu", *,
+           exact_casts: bool = False) -> _Compiled:
+    """The compiled kernel for ``structure`` on ``device``'s type (``build()`` returns its body on first use);
+    ``exact_casts``: the body relies on a cast's rounding (see _compile_options)."""
     device_type = torch.device(device).type
     key = (structure, device_type, torch.get_num_threads())
     if key not in _kernels:
-        _kernels[key] = _Compiled(key, build(), device_type)
+        _kernels[key] = _Compiled(key, build(), device_type, exact_casts)
     return _kernels[key]
 
 
@@ -203,7 +206,8 @@ def ta_body(n: int) -> Callable:
 def pipe_body(n: int, sparsify: str, sign: bool) -> Callable:
     """Task vectors sparsified per model, weighted, sign-elected (TIES) or summed, plus base and scaling.
 
-    sparsify: 'none'; 'topk' (keep |t| > thr, or == thr at positions < cut); 'band' (topk minus a second,
+    sparsify: 'none'; 'above' (keep |t| > thr: the caller splits chunks where ties stop being kept); 'topk'
+    (keep |t| > thr, or == thr at positions < cut); 'band' (topk minus a second,
     inner topk: breadcrumbs); 'drop' (DARE: keep where the position's hashed uniform draw < p, divide by q).
     fp = [lam, divisor, scale, scale_on, normalize] + per model [w, thr, thr2, p, q];
     ip = [start] + per model [cut, cut2, k1, k2].
@@ -219,7 +223,9 @@ def pipe_body(n: int, sparsify: str, sign: bool) -> Callable:
             xf = x.float()
             flag = flag + xf * zero
             t = xf - b
-            if sparsify in ("topk", "band"):
+            if sparsify == "above":
+                t = t * (t.abs() > fp[f + 1])
+            elif sparsify in ("topk", "band"):
                 mag = t.abs()
                 keep = (mag > fp[f + 1]) | ((mag == fp[f + 1]) & (pos < ip[j]))
                 if sparsify == "band":
@@ -289,6 +295,37 @@ def bracket_body(n: int, owners: tuple[int, ...]) -> Callable:
         return torch.stack(counts).to(torch.int64), flags.to(torch.uint8)
 
     return bracket
+
+
+SMALLEST_NORMAL = 2.0 ** -126
+BF16_ULP_SUBNORMAL = 2.0 ** -133
+BF16_MAX = 3.3895313892515355e38
+
+
+def histogram_keys_body(n: int, models: tuple[int, ...]) -> Callable:
+    """For each listed model and v = |x_i - b| (NaN as +inf): v truncated to bfloat16 (its top 16 bits), a
+    bfloat16 mark that is 2.0 (bit pattern IMPURE_MARK) where v is not exactly a bfloat16 value and 0
+    elsewhere, how many are not, and the largest v (float32 0-d each): kernels/histogram.py's input. Bit operations do not vectorize here, so the truncation is a rounding to
+    nearest, stepped one bfloat16 down where it rounded up: r (1 - 2^-8) rounds to r's predecessor for a
+    normal r above the smallest normal (r's 8 significant bits times 8 are exact in float32), subnormals step
+    by their fixed ulp. Needs exact casts (kernel(..., exact_casts=True))."""
+
+    def keys(*args):
+        b = args[n].float()
+        out = []
+        for i in models:
+            v = (args[i].float() - b).abs()
+            v = torch.where(v == v, v, float("inf"))
+            rounded = v.to(torch.bfloat16).float()
+            below = torch.where(rounded > SMALLEST_NORMAL, rounded * (1.0 - 2.0 ** -8), rounded - BF16_ULP_SUBNORMAL)
+            below = torch.where(rounded == float("inf"), BF16_MAX, below)
+            key = torch.where(rounded > v, below, rounded).to(torch.bfloat16)
+            exact = rounded == v
+            out += [key, torch.where(exact, 0.0, 2.0).to(torch.bfloat16), torch.where(exact, 0.0, 1.0).sum(),
+                    v.max()]
+        return tuple(out)
+
+    return keys
 
 
 LOW_BINS = 1 << 16
