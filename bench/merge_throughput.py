@@ -13,8 +13,16 @@ Two paths per (method, mode):
 - file -> file: ``run_merge`` from the checkpoint files (page-cached) to a new checkpoint on disk, the
   fsync included: what ``evomerge merge`` does.
 - in memory: the path a search takes to materialize a candidate into a resident model
-  (search/evaluator.py): the plan is built once, the sources are resident tensors on the device, and
-  ``merge_tensor`` runs over all jobs, keeping every output tensor in memory; nothing is written.
+  (search/evaluator.py): the sources are resident tensors on the device, every run's plan is built
+  through one CheckpointCache (as the evaluator's are), and ``merge_tensor`` runs over all jobs, keeping
+  every output tensor in memory; nothing is written.
+
+Densities change from run to run (DENSITIES), as a search's candidates do, so nothing a run settles for
+its own densities can serve the next. What does carry over is what a search keeps: the in-memory path
+declares repeated merges (fused.expect_repeats, as the evaluator does), so TIES settles its selections
+from magnitude histograms of the task vectors (kernels/histogram.py), built by the first run and kept
+with the open checkpoints. The file -> file runs build a fresh plan each time, like separate
+``evomerge merge`` commands, and settle them from sampled brackets.
 
 Prints GB of input weights per second, its ratio to a memory copy of the same number of bytes measured
 in the same process (on CUDA: a device-to-device copy), and peak RSS against one model's size. The
@@ -35,6 +43,7 @@ import time
 from pathlib import Path
 
 CACHE = Path(__file__).parent / ".cache" / "smollm2-shape"
+DENSITIES = (0.5, 0.4, 0.6, 0.45, 0.55)  # one per run, in turn (methods with a density)
 SHAPE = dict(vocab=49152, hidden=576, inter=1536, layers=30, heads=9, kv=3)
 
 
@@ -88,22 +97,28 @@ def one(method: str, device: str, runs: int) -> dict:
         import torch._inductor.compile_fx  # noqa: F401
 
     paths = build(CACHE)
-    params = {"weight": 0.5} if method in ("task_arithmetic", "linear") else {"weight": 0.5, "density": 0.5}
-    recipe = parse_recipe({"method": method, "base": str(paths["base"]),
-                           "sources": [{"model": str(paths[k]), "parameters": params} for k in ("e1", "e2")]})
+
+    def recipe(run: int):
+        params = {"weight": 0.5}
+        if method not in ("task_arithmetic", "linear"):
+            params["density"] = DENSITIES[run % len(DENSITIES)]
+        return parse_recipe({"method": method, "base": str(paths["base"]),
+                             "sources": [{"model": str(paths[k]), "parameters": params} for k in ("e1", "e2")]})
+
     rss_before = psutil.Process().memory_info().rss
-    plan = build_plan(recipe, CACHE)
     seconds, peaks = [], []
-    for _ in range(runs):
+    for run in range(runs):
         with tempfile.TemporaryDirectory(dir=CACHE.parent) as tmp:
             sync(device)
             start = time.perf_counter()
+            plan = build_plan(recipe(run), CACHE)  # a fresh plan, as a new `evomerge merge` makes
             run_merge(plan, Path(tmp) / "out", device=device, progress=False)
             sync(device)
             seconds.append(time.perf_counter() - start)
+            plan.close()
         peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     compile_s = fused.stats["compile_s"]
-    memory, memory_threads = in_memory(plan, device, runs)  # after the file merges: resident sources would count in their RSS
+    memory, memory_threads = in_memory(recipe, device, runs)  # after the file merges: resident sources would count in their RSS
     copy = memcopy_rate(plan.input_bytes, device)  # same process, right after the merges (after peak RSS)
     largest = max(j.out.nbytes // j.out.dtype.itemsize * 4 for j in plan.jobs)  # float32 bytes
     return {"method": method, "first": seconds[0], "warm": min(seconds[1:] or seconds),
@@ -114,7 +129,7 @@ def one(method: str, device: str, runs: int) -> dict:
             "peak_rss_all": peaks[-1], "rss_before": rss_before, "bound": (len(plan.checkpoints) + 2) * largest, "copy": copy}
 
 
-def in_memory(plan, device: str, runs: int) -> tuple[list[float], int]:
+def in_memory(recipe, device: str, runs: int) -> tuple[list[float], int]:
     """Seconds per in-memory merge (module docstring): resident sources, outputs kept, no files written.
 
     With as many torch threads as run_merge computes with (one core less than the process has), so the
@@ -123,14 +138,20 @@ def in_memory(plan, device: str, runs: int) -> tuple[list[float], int]:
     """
     import torch
 
+    from evomerge.checkpoint.reader import CheckpointCache
+    from evomerge.kernels import fused
     from evomerge.merge import load_inputs, merge_tensor
+    from evomerge.plan import build_plan
 
-    resident = [[t.to(device) for t in load_inputs(plan, job)] for job in plan.jobs]
+    fused.expect_repeats()  # as a search's evaluator declares (compile mode is set by EVOMERGE_COMPILE here)
+    checkpoints = CheckpointCache()
+    plans = [build_plan(recipe(run), CACHE, checkpoints=checkpoints) for run in range(runs)]
+    resident = [[t.to(device) for t in load_inputs(plans[0], job)] for job in plans[0].jobs]
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads - 1))
     seconds = []
     try:
-        for _ in range(runs):
+        for plan in plans:
             sync(device)
             start = time.perf_counter()
             # a fresh list per job: merge_tensor may drop its inputs from the list it is given
@@ -141,6 +162,7 @@ def in_memory(plan, device: str, runs: int) -> tuple[list[float], int]:
             del outputs
     finally:
         torch.set_num_threads(threads)
+        checkpoints.close()
     return seconds, max(1, threads - 1)
 
 
@@ -241,6 +263,9 @@ def main() -> None:
     print("paths: file->file = run_merge from page-cached checkpoints to a new checkpoint (fsync included); "
           "in-memory = merge_tensor over all jobs from resident sources, outputs kept, no writes (a search's "
           f"materialization), with run_merge's {r0.get('memory_threads', '?')} compute thread(s)")
+    print(f"densities (ties, dare_ties) change every run: {', '.join(map(str, DENSITIES[:args.runs]))}; file->file "
+          "builds a fresh plan per run; in-memory plans share one CheckpointCache and declare repeated merges, so "
+          "TIES's magnitude histograms are built in its first run and kept, as a search keeps them")
     if "model_bytes" in r0:
         print(f"one model: {r0['model_bytes'] / 1e6:.0f} MB (bf16, 135M parameters); inputs: base + 2 experts; "
               f"(sources + 2) x largest tensor in float32: {r0['bound'] / 1e6:.0f} MB")

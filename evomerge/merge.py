@@ -117,7 +117,8 @@ def _merge_fused(plan: MergePlan, job: TensorJob, raws: list[torch.Tensor],
     try:
         return chunked.run_fused(plan.method.fn, flats, list(job.model_params), job.global_params, job.ctx, out,
                                  scale=scaling.scale(job.ctx.depth) if scaling is not None else 1.0,
-                                 on_nonfinite=on_nonfinite, histograms=_KeptHistograms(plan, job))
+                                 on_nonfinite=on_nonfinite,
+                                 histograms=_KeptHistograms(plan, job) if fused.repeats_expected() else None)
     except fused.Unavailable:
         return None
 
@@ -125,7 +126,9 @@ def _merge_fused(plan: MergePlan, job: TensorJob, raws: list[torch.Tensor],
 class _KeptHistograms(chunked.HistogramStore):
     """Magnitude histograms kept with each source's open checkpoint (``Checkpoint.derived``), keyed by the
     tensor and the base's opening: a search's later candidates with other densities reuse them, and a
-    checkpoint that changes on disk is opened afresh, without them."""
+    checkpoint that changes on disk is opened afresh, without them. Used in processes that merge the same
+    sources again and again (fused.expect_repeats: a search's evaluator); a single merge settles its
+    selections from sampled brackets, which costs less than building histograms it would use once."""
 
     def __init__(self, plan: MergePlan, job: TensorJob):
         self.plan, self.job = plan, job

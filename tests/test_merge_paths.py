@@ -295,6 +295,7 @@ def test_search_merges_reuse_magnitude_histograms_until_a_source_changes(tmp_pat
             torch.testing.assert_close(got[name], t, rtol=1e-6, atol=1e-7 * float(t.abs().max()))
 
     fused = fused_everywhere(monkeypatch)
+    monkeypatch.setattr(fused, "_repeats", True)  # as in a search's evaluator (fused.expect_repeats)
     cache = CheckpointCache()
     first = plan_for(0.3, cache)
     source = first.checkpoints[1]  # base first, then the sources
@@ -312,4 +313,8 @@ def test_search_merges_reuse_magnitude_histograms_until_a_source_changes(tmp_pat
     changed = plan_for(0.6, cache)
     assert changed.checkpoints[1] is not source and not changed.checkpoints[1].derived
     agrees(changed)
+    monkeypatch.setattr(fused, "_repeats", False)  # a single merge (evomerge merge) keeps nothing
+    single = plan_for(0.5, CheckpointCache())
+    agrees(single)
+    assert not single.checkpoints[1].derived
     cache.close()

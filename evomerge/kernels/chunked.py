@@ -172,8 +172,9 @@ def run_fused(pipe: TaskVectorPipeline, raws: list[torch.Tensor], mps, gp, ctx: 
     result are not all finite, in order, once every result is in ``out`` (it raises, naming the culprit). Raises
     ``fused.Unavailable`` if a kernel cannot be compiled; ``out`` is then partly written.
 
-    Top-k selections (TIES) on the CPU are settled from magnitude histograms (``_settle_by_histograms``),
-    taken from ``histograms`` where it keeps them and given to it when built; elsewhere from sampled brackets.
+    Top-k selections (TIES) on the CPU with a ``histograms`` store are settled from magnitude histograms
+    (``_settle_by_histograms``), taken from the store where it keeps them and given to it when built: worth
+    it when the same inputs are merged again with other densities. Otherwise, from sampled brackets.
     """
     kind, sign, count, dtypes, _ = fused_structure(pipe, tuple(r.dtype for r in raws), out.dtype)
     device = out.device
@@ -194,9 +195,9 @@ def run_fused(pipe: TaskVectorPipeline, raws: list[torch.Tensor], mps, gp, ctx: 
         return out
     sels = [_selections(pipe, mp, n, device) if kind in ("topk", "band") else [] for mp in mps]
     live = [(i, s) for i, row in enumerate(sels) for s in row if not s.trivial]
-    by_histogram = kind == "topk" and device.type == "cpu"
+    by_histogram = kind == "topk" and device.type == "cpu" and histograms is not None
     if live and by_histogram:
-        _settle_by_histograms(live, raws, spans, dtypes, histograms or HistogramStore())
+        _settle_by_histograms(live, raws, spans, dtypes, histograms)
         _find_cuts(live, raws, spans, dtypes)
     elif live:
         _settle(live, raws, spans, dtypes)

@@ -78,6 +78,11 @@ def chunk_size(device: torch.device) -> int:
     return CUDA_CHUNK if device.type == "cuda" else CHUNK
 
 
+def repeats_expected() -> bool:
+    """Whether this process declared that it merges the same inputs over and over (``expect_repeats``)."""
+    return _repeats
+
+
 def expect_repeats() -> None:
     """Declare that this process merges the same kernel structures many times (a search's evaluator): in
     auto mode each structure is compiled at its first large tensor instead of after AUTO_AFTER_S seconds."""

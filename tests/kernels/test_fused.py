@@ -134,7 +134,7 @@ def test_a_tie_cut_one_past_a_chunk_start_runs_a_one_entry_piece(monkeypatch):
     out = torch.empty(n)
     pieces = []
     monkeypatch.setattr(chunked, "_check", lambda flags, spans, on_nonfinite: pieces.extend(spans))
-    chunked.run_fused(m.fn, raws, mps, m.global_params(), ctx, out)
+    chunked.run_fused(m.fn, raws, mps, m.global_params(), ctx, out, histograms=DictStore())
     assert (chunk, chunk + 1) in pieces
     assert torch.equal(out, ref)
     assert float(out[chunk]) != float(out[chunk + 1])  # kept tie, then a dropped one
