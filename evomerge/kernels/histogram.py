@@ -55,21 +55,21 @@ class Located:
 
 
 class MagnitudeHistogram:
-    """Counts of |x - base| by bfloat16 key over one tensor (stored over the keys in use only)."""
+    """Counts of |x - base| by key over one tensor, stored for the keys in use only (about a thousand for a
+    task vector: 128 keys per octave), so a model's worth costs little next to its weights."""
 
     def __init__(self, counts: torch.Tensor, impure: torch.Tensor | None):
         counts = counts.to(torch.int64).cpu()
         used = torch.nonzero(counts).view(-1)
         self.n = int(counts.sum())
-        self.first = int(used[0]) if used.numel() else 0
-        last = int(used[-1]) + 1 if used.numel() else 1
-        self.counts = counts[self.first:last].clone()
-        self.at_or_above = self.counts.flip(0).cumsum(0).flip(0)  # magnitudes with key >= first + j
-        self.impure = None if impure is None else impure.to(torch.int64).cpu()[self.first:last].clone()
+        self.keys = used.to(torch.int32)
+        self.counts = counts[used]
+        self.at_or_above = self.counts.flip(0).cumsum(0).flip(0)  # magnitudes with key >= keys[j]
+        self.impure = None if impure is None else impure.to(torch.int64).cpu()[used]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.counts, self.at_or_above, self.impure)
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.counts, self.at_or_above, self.impure)
                    if t is not None)
 
     def locate(self, k: int) -> Located:
@@ -79,7 +79,7 @@ class MagnitudeHistogram:
         j = int(torch.nonzero(self.at_or_above >= k).max())
         count = int(self.counts[j])
         impure = 0 if self.impure is None else int(self.impure[j])
-        return Located(self.first + j, int(self.at_or_above[j]) - count, count, impure)
+        return Located(int(self.keys[j]), int(self.at_or_above[j]) - count, count, impure)
 
 
 class HistogramBuilder:

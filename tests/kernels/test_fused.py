@@ -201,6 +201,23 @@ def test_nonfinite_chunks_are_reported():
     assert len(seen) == 1 and 16_384 <= seen[0][0] <= 20_000 < seen[0][1] <= 32_768
 
 
+def test_nan_among_magnitudes_settled_by_histograms_is_reported(monkeypatch):
+    """float32 inputs: the k-th magnitude lies among inexact ones, whose bracket a NaN leaves unsettled; the
+    exact passes settle it and the NaN's chunk is reported."""
+    exact = []
+    settle_exactly = chunked._settle_exactly
+    monkeypatch.setattr(chunked, "_settle_exactly", lambda live, *a: (exact.append(len(live)), settle_exactly(live, *a)))
+    raws = models("random", dtype=torch.float32)
+    raws[1][20_000] = float("nan")
+    seen = []
+    m = get_method("ties")
+    mps = [m.model_params(density=0.5)] * 2
+    chunked.run_fused(m.fn, raws, mps, m.global_params(), TensorContext("t", model_ids=("a", "b")),
+                      torch.empty(N), on_nonfinite=lambda a, b: seen.append((a, b)), histograms=DictStore())
+    assert exact == [1]  # the model with the NaN
+    assert len(seen) == 1 and 16_384 <= seen[0][0] <= 20_000 < seen[0][1] <= 32_768
+
+
 def test_compile_failure_falls_back_to_eager_once(monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler here")

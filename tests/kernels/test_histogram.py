@@ -53,6 +53,8 @@ def test_locate_agrees_with_sorting(scale):
         assert int((in_bucket == at.value).sum()) == at.count - at.impure  # pure members equal the value
     with pytest.raises(ValueError, match="k must lie"):
         hist.locate(n + 1)
+    used = int((torch.bincount(keys.to(torch.int64)) > 0).sum())
+    assert hist.nbytes <= 32 * used  # the keys in use only, not the span from 0 (zeros) to the largest
 
 
 def test_all_pure_chunks_skip_the_impure_counts():
