@@ -21,7 +21,7 @@ import torch
 
 from evomerge.checkpoint.writer import CheckpointWriter, output_config
 from evomerge.errors import NonFiniteError
-from evomerge.kernels import chunked, fused, geometric
+from evomerge.kernels import chunked, fused, geometric, settle
 from evomerge.kernels.select import BLOCK
 from evomerge.plan import InputRef, MergePlan, TensorJob
 
@@ -118,33 +118,24 @@ def _merge_fused(plan: MergePlan, job: TensorJob, raws: list[torch.Tensor],
         return chunked.run_fused(plan.method.fn, flats, list(job.model_params), job.global_params, job.ctx, out,
                                  scale=scaling.scale(job.ctx.depth) if scaling is not None else 1.0,
                                  on_nonfinite=on_nonfinite,
-                                 histograms=_KeptHistograms(plan, job) if fused.repeats_expected() else None)
+                                 histograms=_kept_histograms(plan, job) if fused.repeats_expected() else None)
     except fused.Unavailable:
         return None
 
 
-class _KeptHistograms(chunked.HistogramStore):
+def _kept_histograms(plan: MergePlan, job: TensorJob) -> settle.HistogramStore:
     """Magnitude histograms kept with each source's open checkpoint (``Checkpoint.derived``), keyed by the
     tensor and the base's opening: a search's later candidates with other densities reuse them, and a
     checkpoint that changes on disk is opened afresh, without them. Used in processes that merge the same
     sources again and again (fused.expect_repeats: a search's evaluator); a single merge settles its
     selections from sampled brackets, which costs less than building histograms it would use once."""
+    base = plan.checkpoints[job.base.model]
 
-    def __init__(self, plan: MergePlan, job: TensorJob):
-        self.plan, self.job = plan, job
+    def place(i: int) -> tuple[dict, tuple]:
+        ref = job.inputs[i]
+        return plan.checkpoints[ref.model].derived, ("magnitudes", ref.name, base.opening, job.base.name)
 
-    def _where(self, i: int) -> tuple[dict, tuple]:
-        ref, base = self.job.inputs[i], self.job.base
-        return self.plan.checkpoints[ref.model].derived, \
-            ("magnitudes", ref.name, self.plan.checkpoints[base.model].opening, base.name)
-
-    def get(self, i: int):
-        kept, key = self._where(i)
-        return kept.get(key)
-
-    def put(self, i: int, histogram) -> None:
-        kept, key = self._where(i)
-        kept[key] = histogram
+    return settle.HistogramStore(place)
 
 
 def _merge_eager(plan: MergePlan, job: TensorJob, device: torch.device | str, raws: list[torch.Tensor],

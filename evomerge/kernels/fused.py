@@ -310,10 +310,13 @@ BF16_MAX = 3.3895313892515355e38
 def histogram_keys_body(n: int, models: tuple[int, ...]) -> Callable:
     """For each listed model and v = |x_i - b| (NaN as +inf): v truncated to bfloat16 (its top 16 bits), a
     bfloat16 mark that is 2.0 (bit pattern IMPURE_MARK) where v is not exactly a bfloat16 value and 0
-    elsewhere, how many are not, and the largest v (float32 0-d each): kernels/histogram.py's input. Bit operations do not vectorize here, so the truncation is a rounding to
-    nearest, stepped one bfloat16 down where it rounded up: r (1 - 2^-8) rounds to r's predecessor for a
-    normal r above the smallest normal (r's 8 significant bits times 8 are exact in float32), subnormals step
-    by their fixed ulp. Needs exact casts (kernel(..., exact_casts=True))."""
+    elsewhere, how many are not, and the largest v (float32 0-d each): kernels/histogram.py's input.
+
+    Bit operations do not vectorize here, so the truncation is a rounding to nearest, stepped one bfloat16
+    down where it rounded up: r (1 - 2^-8) rounds to r's predecessor for a normal r above the smallest
+    normal (r's 8 significant bits times 8 are exact in float32); subnormals step by their fixed ulp.
+    Needs exact casts (kernel(..., exact_casts=True)).
+    """
 
     def keys(*args):
         b = args[n].float()

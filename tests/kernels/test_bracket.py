@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from evomerge.kernels import TensorContext, bracket, chunked, get_method
+from evomerge.kernels import settle as settling
 from evomerge.kernels.bracket import Bracket, sample_positions
 from evomerge.kernels.select import StreamTopK, top_k_mask
 
@@ -213,7 +214,7 @@ def test_chunked_pipeline_equals_whole_tensor_kernel(monkeypatch, name, params, 
     chunks of 1000 entries, gives the bits of the whole-tensor kernel."""
     monkeypatch.setattr(chunked, "BLOCK", 1000)
     if unlucky:
-        monkeypatch.setattr(chunked, "sample_positions", unlucky_sample)
+        monkeypatch.setattr(settling, "sample_positions", unlucky_sample)
     raws = tensors(20_000)
     m = get_method(name)
     mps = [m.model_params(**p) for p in params]

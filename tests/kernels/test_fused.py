@@ -9,7 +9,7 @@ import struct
 import pytest
 import torch
 
-from evomerge.kernels import TensorContext, chunked, fused, get_method
+from evomerge.kernels import TensorContext, chunked, fused, get_method, settle
 from evomerge.kernels.select import StreamTopK, hashed_uniform, uniform
 
 pytestmark = pytest.mark.slow
@@ -85,18 +85,6 @@ def test_fused_bf16_output_and_float32_subnormal_deltas():
     assert torch.equal(out, ref)
 
 
-class DictStore(chunked.HistogramStore):
-    def __init__(self):
-        self.kept, self.builds = {}, 0
-
-    def get(self, i):
-        return self.kept.get(i)
-
-    def put(self, i, histogram):
-        self.kept[i] = histogram
-        self.builds += 1
-
-
 @pytest.mark.parametrize("kind,dtype", [("random", torch.bfloat16), ("tied", torch.bfloat16),
                                         ("unchanged", torch.bfloat16), ("random", torch.float32)])
 def test_kept_histograms_settle_new_densities_exactly(kind, dtype):
@@ -105,7 +93,8 @@ def test_kept_histograms_settle_new_densities_exactly(kind, dtype):
     raws = models(kind, dtype=dtype)
     m = get_method("ties")
     ctx = TensorContext("t", model_ids=("a", "b"))
-    store = DictStore()
+    store = settle.HistogramStore()
+    kept = None
     for d1, d2 in [(0.4, 0.7), (0.05, 0.95), (0.6, 0.3), (0.4, 0.7)]:
         mps = [m.model_params(weight=0.7, density=d1), m.model_params(weight=0.5, density=d2)]
         gp = m.global_params()
@@ -113,7 +102,9 @@ def test_kept_histograms_settle_new_densities_exactly(kind, dtype):
         out = torch.empty(N)
         chunked.run_fused(m.fn, list(raws), mps, m.global_params(), ctx, out, histograms=store)
         close(out, ref)
-    assert store.builds == 2 and set(store.kept) == {0, 1}  # built once per source, then reused
+        kept = kept or dict(store.kept)
+        assert store.kept == kept  # the same histogram objects: built once per source, then reused
+    assert set(kept) == {0, 1}
 
 
 def test_a_tie_cut_one_past_a_chunk_start_runs_a_one_entry_piece(monkeypatch):
@@ -134,7 +125,7 @@ def test_a_tie_cut_one_past_a_chunk_start_runs_a_one_entry_piece(monkeypatch):
     out = torch.empty(n)
     pieces = []
     monkeypatch.setattr(chunked, "_check", lambda flags, spans, on_nonfinite: pieces.extend(spans))
-    chunked.run_fused(m.fn, raws, mps, m.global_params(), ctx, out, histograms=DictStore())
+    chunked.run_fused(m.fn, raws, mps, m.global_params(), ctx, out, histograms=settle.HistogramStore())
     assert (chunk, chunk + 1) in pieces
     assert torch.equal(out, ref)
     assert float(out[chunk]) != float(out[chunk + 1])  # kept tie, then a dropped one
@@ -205,15 +196,15 @@ def test_nan_among_magnitudes_settled_by_histograms_is_reported(monkeypatch):
     """float32 inputs: the k-th magnitude lies among inexact ones, whose bracket a NaN leaves unsettled; the
     exact passes settle it and the NaN's chunk is reported."""
     exact = []
-    settle_exactly = chunked._settle_exactly
-    monkeypatch.setattr(chunked, "_settle_exactly", lambda live, *a: (exact.append(len(live)), settle_exactly(live, *a)))
+    settle_exactly = settle.exactly
+    monkeypatch.setattr(settle, "exactly", lambda live, *a: (exact.append(len(live)), settle_exactly(live, *a)))
     raws = models("random", dtype=torch.float32)
     raws[1][20_000] = float("nan")
     seen = []
     m = get_method("ties")
     mps = [m.model_params(density=0.5)] * 2
     chunked.run_fused(m.fn, raws, mps, m.global_params(), TensorContext("t", model_ids=("a", "b")),
-                      torch.empty(N), on_nonfinite=lambda a, b: seen.append((a, b)), histograms=DictStore())
+                      torch.empty(N), on_nonfinite=lambda a, b: seen.append((a, b)), histograms=settle.HistogramStore())
     assert exact == [1]  # the model with the NaN
     assert len(seen) == 1 and 16_384 <= seen[0][0] <= 20_000 < seen[0][1] <= 32_768
 
