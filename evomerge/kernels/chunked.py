@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from evomerge.kernels import fused, settle
+from evomerge.kernels import fused, native, settle
 from evomerge.kernels.bracket import delta_magnitude, in_eager
 from evomerge.kernels.registry import TensorContext
 from evomerge.kernels.select import BLOCK, StreamTopK, exact_count, stream_keys, uniform
@@ -163,15 +163,20 @@ def run_fused(pipe: TaskVectorPipeline, raws: list[torch.Tensor], mps, gp, ctx: 
     sels = [_selections(pipe, mp, n, device) if kind in ("topk", "band") else [] for mp in mps]
     live = [(i, s) for i, row in enumerate(sels) for s in row if not s.trivial]
     by_histogram = kind == "topk" and device.type == "cpu" and histograms is not None
+    one_pass = kind == "topk" and native.supports(raws, flat) and native.available() is None
     if live and by_histogram:
         settle.by_histograms(live, raws, spans, dtypes, histograms)
-        settle.find_cuts(live, raws, spans, dtypes)
+        if not one_pass:
+            settle.find_cuts(live, raws, spans, dtypes)
     elif live:
         settle.by_brackets(live, raws, spans, dtypes)
     weights = [mp.weight for mp in mps]
     normalize = gp.normalize if pipe.normalize is None else pipe.normalize
     divisor = sum(weights) if normalize and sum(weights) != 0 else 1.0
     fp = [gp.lam, divisor, *scaling, float(normalize)]
+    if one_pass:  # the native kernel places the tie cuts as it merges
+        _merge_native(fp, weights, sels, raws, sign, flat, on_nonfinite)
+        return out
     for mp, row in zip(mps, sels, strict=True):
         bounds = [s.bound for s in row] + [-1.0, math.inf][len(row):]  # no selection: keep all, cut none
         drop = kind == "drop" and mp.density < 1.0
@@ -222,6 +227,24 @@ def _combine_above(fp: list[float], sels, raws: list[torch.Tensor], spans, sign:
                 flags.append(combine(*[r[lo:hi] for r in raws], params, ip, zero, flat[lo:hi]))
             pieces.append((lo, hi))
     _check(flags, pieces, on_nonfinite)
+
+
+def _merge_native(fp: list[float], weights: list[float], sels, raws: list[torch.Tensor], sign: bool,
+                  flat: torch.Tensor, on_nonfinite) -> None:
+    """The combining pass of settled top-k selections by the native kernel (kernels/native.py)."""
+    thresholds, wanted = [], []
+    for row in sels:
+        s = row[0] if row else None
+        if s is None or s.trivial:
+            thresholds.append(-1.0 if s is None or s.k > 0 else math.inf)  # keep all, or none
+            wanted.append(0)
+        else:  # ties of a zero threshold are kept: keeping a zero entry of a task vector changes nothing
+            every = s.ties_wanted == s.ties_total or s.threshold == 0.0
+            thresholds.append(s.threshold)
+            wanted.append(native.ALL_TIES if every else s.ties_wanted)
+    for pos in native.topk_merge(raws, flat, weights, thresholds, wanted, fp[:5], sign):
+        if on_nonfinite is not None:
+            on_nonfinite(pos, pos + 1)
 
 
 def _below(x: float) -> float:

@@ -1,0 +1,192 @@
+"""A C kernel for top-k (TIES) merges on the CPU, where the fused kernels would need passes of their own.
+
+kernels/topk_merge.c sparsifies, elects signs and combines a tensor in one pass that also places where the
+kept ties of each threshold stop (the lowest positions win), counting them as it goes: the compiled
+kernels (kernels/fused.py) need a tie-counting pass before the combining one and a kernel call per piece
+between cuts. Its arithmetic is theirs, in the same order, so results agree bit for bit.
+
+The source is compiled on first use with the C compiler inductor uses too (``CC``, else cc or gcc; for
+this CPU: -march=native) into a cache keyed by the source, the flags and the CPU (``EVOMERGE_CACHE``,
+else ~/.cache/evomerge). Calls release the GIL: a tensor of at least 2 x MIN_PER_THREAD entries is split
+over torch.get_num_threads() threads, each range told how many ties came before it by a counting call.
+If the compiler is missing or fails, or ``EVOMERGE_NATIVE=0``, ``available()`` says why and the fused
+kernels are used instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+ENV = "EVOMERGE_NATIVE"
+SOURCE = Path(__file__).with_name("topk_merge.c")
+FLAGS = ["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
+MIN_PER_THREAD = 1 << 21  # entries per thread at least: smaller tensors run on the calling thread (measured: bench/)
+COUNT_COST = 0.3  # counting one model's ties per entry, relative to merging an entry (measured: bench/)
+ALL_TIES = 1 << 62  # ``wanted`` for a threshold whose ties are all kept
+DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_why_not: str | None = None
+_pool: ThreadPoolExecutor | None = None
+
+
+def _cpu_key() -> str:
+    """What -march=native depends on: the machine and its CPU flags."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line
+                break
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()} {flags}"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("EVOMERGE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "evomerge")
+    return Path(root) / "native"
+
+
+def _compile(target: Path) -> None:
+    """Build the shared library at ``target`` (atomically: a concurrent build never leaves half a file)."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise OSError("no C compiler (set CC, or install cc/gcc)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        errors = ""
+        for arch in (["-march=native"], []):  # not every compiler and CPU knows -march=native
+            run = subprocess.run([compiler, *FLAGS, *arch, str(SOURCE), "-o", str(built)],
+                                 capture_output=True, text=True, timeout=300)
+            if run.returncode == 0:
+                os.replace(built, target)
+                return
+            errors = run.stderr.strip()[-500:]
+        raise OSError(f"{compiler} failed: {errors}")
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, compiled on first use; None if it cannot be (``available()`` says why)."""
+    global _lib, _why_not
+    with _lock:
+        if _lib is not None or _why_not is not None:
+            return _lib
+        digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_key().encode()).hexdigest()
+        target = cache_dir() / f"topk_merge-{digest[:16]}.so"
+        try:
+            if not target.exists():
+                _compile(target)
+            lib = ctypes.CDLL(str(target))
+        except (OSError, subprocess.SubprocessError) as e:
+            _why_not = f"the native top-k kernel is unavailable: {e}"
+            log.info("%s; using the compiled torch kernels", _why_not)
+            return None
+        i64, i32, ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
+        lib.topk_merge.restype = i64
+        lib.topk_merge.argtypes = [i64, i32, ptr, ptr, ptr, i32, ptr, ptr, ptr, ptr, ptr, i32]
+        lib.count_ties.restype = i64
+        lib.count_ties.argtypes = [i64, i32, ptr, ptr, ptr, ptr, ptr]
+        _lib = lib
+        return _lib
+
+
+def available() -> str | None:
+    """None when the native kernel can be used, else why not."""
+    if os.environ.get(ENV, "").strip().lower() in ("0", "false", "off"):
+        return f"turned off by {ENV}=0"
+    return None if library() is not None else _why_not
+
+
+def supports(raws: list[torch.Tensor], out: torch.Tensor) -> bool:
+    """Whether ``topk_merge`` takes these flat inputs and output (CPU, contiguous, float32/bfloat16/float16)."""
+    return all(t.device.type == "cpu" and t.dtype in DTYPES and t.is_contiguous() for t in (*raws, out))
+
+
+def _threads() -> ThreadPoolExecutor:
+    global _pool
+    with _lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="evomerge-topk")
+        return _pool
+
+
+def topk_merge(raws: list[torch.Tensor], out: torch.Tensor, weights: list[float], thresholds: list[float],
+               wanted: list[int], fp: list[float], sign: bool) -> list[int]:
+    """Merge flat ``raws`` (sources, then the base) into flat ``out``; returns the position of the first
+    non-finite result of each range of entries that has one (a range per thread). Model i keeps |t| > thresholds[i], and the first wanted[i] entries equal to it (ALL_TIES: all).
+    ``fp`` = [lam, divisor, scale, scale_on, normalize] as in fused.pipe_body."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(_why_not)
+    m, n = len(raws) - 1, out.numel()
+    # keeping every tie is keeping what is above the float32 just below: no counting
+    thresholds = [float(np.nextafter(np.float32(t), np.float32(-np.inf))) if k >= ALL_TIES else t
+                  for t, k in zip(thresholds, wanted, strict=True)]
+    wanted = [0 if k >= ALL_TIES else k for k in wanted]
+    c_float, c_int64 = ctypes.c_float, ctypes.c_int64
+    dts = (ctypes.c_int32 * (m + 1))(*[DTYPES[r.dtype] for r in raws])
+    w = (c_float * m)(*weights)
+    thr = (c_float * m)(*thresholds)
+    want = (c_int64 * m)(*wanted)
+    params = (c_float * 5)(*fp)
+    parts = max(1, min(torch.get_num_threads(), os.cpu_count() or 1, n // MIN_PER_THREAD))
+    counting = any(k > 0 for k in wanted)
+    bounds = _split(n, parts, COUNT_COST * sum(k > 0 for k in wanted) / m if counting else 0.0)
+
+    def pointers(a: int) -> ctypes.Array:
+        return (ctypes.c_void_p * (m + 1))(*[r.data_ptr() + a * r.element_size() for r in raws])
+
+    def count(p: int) -> list[int]:  # ties of each counting model in range p
+        ties = (c_int64 * m)()
+        if lib.count_ties(bounds[p + 1] - bounds[p], m, pointers(bounds[p]), dts, thr, want, ties) < 0:
+            raise MemoryError("count_ties: out of memory for its block buffers")
+        return list(ties)
+
+    def merge(p: int, before: list) -> list[int]:
+        seen = [sum(c) for c in zip(*[f.result() for f in before], strict=True)] if before else [0] * m
+        a, b = bounds[p], bounds[p + 1]
+        first = lib.topk_merge(b - a, m, pointers(a), dts, out.data_ptr() + a * out.element_size(),
+                               DTYPES[out.dtype], params, w, thr, want, (c_int64 * m)(*seen), int(sign))
+        if first < 0:
+            raise MemoryError("topk_merge: out of memory for its block buffers")
+        return [a + first - 1] if first else []
+
+    if parts == 1:
+        return merge(0, [])
+    pool = _threads()
+    # Counts go first in the queue, so a merge waiting for them never holds back a worker they need.
+    counts = [pool.submit(count, p) for p in range(parts - 1)] if counting else []
+    merges = [pool.submit(merge, p, counts[:p]) for p in range(parts)]
+    return [pos for f in merges for pos in f.result()]
+
+
+def _split(n: int, parts: int, cost: float) -> list[int]:
+    """Range bounds over [0, n) giving every thread the same work when the thread of range p > 0 first counts
+    the ties of range p - 1 at ``cost`` per entry (relative to merging one)."""
+    sizes = [1.0]
+    for _ in range(1, parts):
+        sizes.append(max(0.1, 1.0 - cost * sizes[-1]))
+    total = sum(sizes)
+    bounds = [0]
+    for size in sizes[:-1]:
+        bounds.append(bounds[-1] + int(n * size / total))
+    return [*bounds, n]

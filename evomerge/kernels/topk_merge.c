@@ -1,0 +1,192 @@
+/* Top-k (TIES) merging of one tensor in a single pass over its inputs; built by evomerge/kernels/native.py.
+ *
+ * Inputs are the flat sources x_1..x_m and the base b (float32, bfloat16 or float16 each). For every
+ * entry: t_i = x_i - b; keep t_i when |t_i| > thr_i, or when |t_i| == thr_i and fewer than wanted_i
+ * earlier entries (counting from seen_i) equalled thr_i: the lowest positions win ties, so exactly k_i
+ * entries are kept. Then t_i *= w_i, and with sign election: elected = sign(sum_i t_i) (0 counts as +),
+ * out = sum of the t_i agreeing with it, divided by the sum of their w_i when normalizing (a zero sum
+ * divides by 1); without: out = sum_i t_i / divisor. Finally b + lam * out, and depth scaling
+ * (r - b) * scale + b when scale_on. The arithmetic is the fused kernels' (kernels/fused.py pipe_body),
+ * in the same order and in float32 without contraction, so results agree with them bit for bit. A
+ * NaN or inf input yields a NaN or inf result (it is multiplied, never selected away); the return
+ * value says where the first non-finite result is.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BLK 256 /* entries per block: every stage of a block works in L1-resident float32 buffers */
+
+enum { F32 = 0, BF16 = 1, F16 = 2 };
+
+static inline float from_bf16(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline void load(const void* p, int32_t dt, int64_t s, int64_t len, float* restrict dst) {
+    if (dt == F32) {
+        memcpy(dst, (const float*)p + s, (size_t)len * 4);
+    } else if (dt == BF16) {
+        const uint16_t* restrict q = (const uint16_t*)p + s;
+        for (int64_t j = 0; j < len; j++) dst[j] = from_bf16(q[j]);
+    } else {
+        const _Float16* restrict q = (const _Float16*)p + s;
+        for (int64_t j = 0; j < len; j++) dst[j] = (float)q[j];
+    }
+}
+
+/* t = x - b over [s, s + len), then with count: returns how many |t| equal th; else t *= (|t| > th ? w : 0) */
+#define DELTA_LOOP(LOAD)                                                                     \
+    if (count) {                                                                             \
+        for (int64_t j = 0; j < len; j++) {                                                  \
+            const float d = LOAD - b[j];                                                     \
+            t[j] = d;                                                                        \
+            c += fabsf(d) == th ? 1 : 0;                                                     \
+        }                                                                                    \
+    } else {                                                                                 \
+        for (int64_t j = 0; j < len; j++) {                                                  \
+            const float d = LOAD - b[j];                                                     \
+            t[j] = d * (fabsf(d) > th ? w : 0.0f);                                           \
+        }                                                                                    \
+    }
+
+static inline int32_t delta(const void* p, int32_t dt, int64_t s, int64_t len, const float* restrict b,
+                            float* restrict t, float th, float w, int count) {
+    int32_t c = 0;
+    if (dt == BF16) {
+        const uint16_t* restrict q = (const uint16_t*)p + s;
+        DELTA_LOOP(from_bf16(q[j]))
+    } else if (dt == F32) {
+        const float* restrict q = (const float*)p + s;
+        DELTA_LOOP(q[j])
+    } else {
+        const _Float16* restrict q = (const _Float16*)p + s;
+        DELTA_LOOP((float)q[j])
+    }
+    return c;
+}
+
+/* round to nearest even, NaN to the canonical quiet NaN: torch's float -> bfloat16 */
+static inline void store(void* p, int32_t dt, int64_t s, int64_t len, const float* restrict src) {
+    if (dt == F32) {
+        memcpy((float*)p + s, src, (size_t)len * 4);
+    } else if (dt == BF16) {
+        uint16_t* restrict q = (uint16_t*)p + s;
+        for (int64_t j = 0; j < len; j++) {
+            uint32_t u;
+            memcpy(&u, &src[j], 4);
+            uint32_t r = (u + (((u >> 16) & 1) + 0x7FFF)) >> 16;
+            q[j] = src[j] != src[j] ? (uint16_t)0x7FC0 : (uint16_t)r;
+        }
+    } else {
+        _Float16* restrict q = (_Float16*)p + s;
+        for (int64_t j = 0; j < len; j++) q[j] = (_Float16)src[j];
+    }
+}
+
+/* the combining stage of one block for M models (a constant where inlined, so the model loop unrolls) */
+static inline __attribute__((always_inline)) int32_t combine(const int M, int64_t len, const float* restrict ts,
+                                                             const float* restrict b, float* restrict r,
+                                                             const float* restrict w, const float* restrict fp,
+                                                             int sign) {
+    const float lam = fp[0], divisor = fp[1], scale = fp[2], scale_on = fp[3], normalize = fp[4];
+    int32_t bad = 0;
+    for (int64_t j = 0; j < len; j++) {
+        float out;
+        if (sign) {
+            float total = ts[j];
+            for (int i = 1; i < M; i++) total = total + ts[i * BLK + j];
+            const float elected = total >= 0.0f ? 1.0f : -1.0f;
+            float agree = ts[j] * elected > 0.0f ? 1.0f : 0.0f;
+            out = ts[j] * agree;
+            float d = agree * w[0];
+            for (int i = 1; i < M; i++) {
+                agree = ts[i * BLK + j] * elected > 0.0f ? 1.0f : 0.0f;
+                out = out + ts[i * BLK + j] * agree;
+                d = d + agree * w[i];
+            }
+            d = d == 0.0f ? 1.0f : d;
+            out = normalize != 0.0f ? out / d : out;
+        } else {
+            out = ts[j];
+            for (int i = 1; i < M; i++) out = out + ts[i * BLK + j];
+            out = out / divisor;
+        }
+        float v = b[j] + lam * out;
+        v = scale_on != 0.0f ? (v - b[j]) * scale + b[j] : v;
+        bad += (v - v) != 0.0f ? 1 : 0; /* inf - inf and NaN - NaN are NaN */
+        r[j] = v;
+    }
+    return bad;
+}
+
+/* Merge entries [0, n) of the m sources xs[0..m-1] over the base xs[m] into out. fp = [lam, divisor,
+ * scale, scale_on, normalize]; per model: w, thr, wanted; seen[i] (in and out): ties of model i before
+ * entry 0. Returns 1 + the position of the first non-finite result, 0 if all are finite, -1 if out of memory. */
+int64_t topk_merge(int64_t n, int32_t m, const void* const* xs, const int32_t* dts, void* out, int32_t out_dt,
+                   const float* fp, const float* w, const float* thr, const int64_t* wanted, int64_t* seen,
+                   int32_t sign) {
+    float* buf = malloc(sizeof(float) * BLK * (size_t)(m + 2));
+    if (!buf) return -1;
+    float *b = buf + (size_t)m * BLK, *r = b + BLK;
+    int64_t first = 0;
+    for (int64_t s = 0; s < n; s += BLK) {
+        const int64_t len = n - s < BLK ? n - s : BLK;
+        load(xs[m], dts[m], s, len, b);
+        for (int i = 0; i < m; i++) {
+            float* restrict t = buf + (size_t)i * BLK;
+            const float th = thr[i], wi = w[i];
+            /* once every tie to keep is behind, delta keeps what is above on its own */
+            const int counting = seen[i] < wanted[i];
+            const int32_t ties = delta(xs[i], dts[i], s, len, b, t, th, wi, counting);
+            if (counting && seen[i] + ties <= wanted[i]) { /* every tie of the block is kept */
+                for (int64_t j = 0; j < len; j++) t[j] = t[j] * (fabsf(t[j]) >= th ? wi : 0.0f);
+                seen[i] += ties;
+            } else if (counting) { /* the kept ties stop in this block */
+                int64_t k = seen[i];
+                for (int64_t j = 0; j < len; j++) {
+                    const float a = fabsf(t[j]);
+                    int keep = a > th;
+                    if (a == th) keep = k++ < wanted[i];
+                    t[j] = t[j] * (keep ? wi : 0.0f);
+                }
+                seen[i] = k;
+            }
+        }
+        int32_t bad;
+        switch (m) {
+            case 1: bad = combine(1, len, buf, b, r, w, fp, sign); break;
+            case 2: bad = combine(2, len, buf, b, r, w, fp, sign); break;
+            case 3: bad = combine(3, len, buf, b, r, w, fp, sign); break;
+            case 4: bad = combine(4, len, buf, b, r, w, fp, sign); break;
+            default: bad = combine(m, len, buf, b, r, w, fp, sign); break;
+        }
+        for (int64_t j = 0; bad && !first && j < len; j++)
+            if ((r[j] - r[j]) != 0.0f) first = s + j + 1;
+        store(out, out_dt, s, len, r);
+    }
+    free(buf);
+    return first;
+}
+
+/* For each model i with wanted[i] > 0: how many entries of [0, n) have |x_i - b| == thr[i], into ties[i]
+ * (what a later range's merge must know of the ties before it). Returns -1 if out of memory, else 0. */
+int64_t count_ties(int64_t n, int32_t m, const void* const* xs, const int32_t* dts, const float* thr,
+                   const int64_t* wanted, int64_t* ties) {
+    float* buf = malloc(sizeof(float) * BLK * 2);
+    if (!buf) return -1;
+    float *b = buf, *t = buf + BLK;
+    for (int i = 0; i < m; i++) ties[i] = 0;
+    for (int64_t s = 0; s < n; s += BLK) {
+        const int64_t len = n - s < BLK ? n - s : BLK;
+        load(xs[m], dts[m], s, len, b);
+        for (int i = 0; i < m; i++)
+            if (wanted[i] > 0) ties[i] += delta(xs[i], dts[i], s, len, b, t, thr[i], 1.0f, 1);
+    }
+    free(buf);
+    return 0;
+}
