@@ -40,6 +40,7 @@ COUNT_COST = 0.3  # counting one model's ties per entry, relative to merging an 
 ALL_TIES = 1 << 62  # ``wanted`` for a threshold whose ties are all kept
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
+stats = {"calls": 0}  # calls of the native kernels (merges and counting passes) in this process
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _why_not: str | None = None
@@ -105,6 +106,8 @@ def library() -> ctypes.CDLL | None:
         lib.topk_merge.argtypes = [i64, i32, ptr, ptr, ptr, i32, ptr, ptr, ptr, ptr, ptr, i32]
         lib.count_ties.restype = i64
         lib.count_ties.argtypes = [i64, i32, ptr, ptr, ptr, ptr, ptr]
+        lib.observe_brackets.restype = i64
+        lib.observe_brackets.argtypes = [i64, i32, ptr, ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
         _lib = lib
         return _lib
 
@@ -116,9 +119,10 @@ def available() -> str | None:
     return None if library() is not None else _why_not
 
 
-def supports(raws: list[torch.Tensor], out: torch.Tensor) -> bool:
-    """Whether ``topk_merge`` takes these flat inputs and output (CPU, contiguous, float32/bfloat16/float16)."""
-    return all(t.device.type == "cpu" and t.dtype in DTYPES and t.is_contiguous() for t in (*raws, out))
+def supports(raws: list[torch.Tensor], out: torch.Tensor | None = None) -> bool:
+    """Whether the kernels take these flat inputs and output (CPU, contiguous, float32/bfloat16/float16)."""
+    tensors = (*raws, out) if out is not None else raws
+    return all(t.device.type == "cpu" and t.dtype in DTYPES and t.is_contiguous() for t in tensors)
 
 
 def _threads() -> ThreadPoolExecutor:
@@ -137,6 +141,7 @@ def topk_merge(raws: list[torch.Tensor], out: torch.Tensor, weights: list[float]
     lib = library()
     if lib is None:
         raise RuntimeError(_why_not)
+    stats["calls"] += 1
     m, n = len(raws) - 1, out.numel()
     # keeping every tie is keeping what is above the float32 just below: no counting
     thresholds = [float(np.nextafter(np.float32(t), np.float32(-np.inf))) if k >= ALL_TIES else t
@@ -177,6 +182,39 @@ def topk_merge(raws: list[torch.Tensor], out: torch.Tensor, weights: list[float]
     counts = [pool.submit(count, p) for p in range(parts - 1)] if counting else []
     merges = [pool.submit(merge, p, counts[:p]) for p in range(parts)]
     return [pos for f in merges for pos in f.result()]
+
+
+def observe_brackets(raws: list[torch.Tensor], owners: list[int], bounds: list[tuple[float, float]]) \
+        -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The counting pass of brackets (kernels/bracket.py) over flat ``raws`` (sources, then the base): for
+    bracket s of source owners[s], (counts [above hi, equal hi, equal lo, below lo], positions, values) of
+    |x - b| as ``Bracket.add`` takes them. The room for entries inside is guessed, and made exact by a
+    second pass where the guess was short."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(_why_not)
+    stats["calls"] += 1
+    m, n, count = len(raws) - 1, raws[-1].numel(), len(owners)
+    c_int64, c_float = ctypes.c_int64, ctypes.c_float
+    dts = (ctypes.c_int32 * (m + 1))(*[DTYPES[r.dtype] for r in raws])
+    ptrs = (ctypes.c_void_p * (m + 1))(*[r.data_ptr() for r in raws])
+    who = (ctypes.c_int32 * count)(*owners)
+    lo = (c_float * count)(*[b[0] for b in bounds])
+    hi = (c_float * count)(*[b[1] for b in bounds])
+    room = [max(4096, n // 16)] * count
+    while True:
+        positions = [torch.empty(c, dtype=torch.int64) for c in room]
+        values = [torch.empty(c, dtype=torch.float32) for c in room]
+        counts = torch.zeros(count, 4, dtype=torch.int64)
+        found = (c_int64 * count)()
+        if lib.observe_brackets(n, m, ptrs, dts, count, who, lo, hi, counts.data_ptr(),
+                                (ctypes.c_void_p * count)(*[p.data_ptr() for p in positions]),
+                                (ctypes.c_void_p * count)(*[v.data_ptr() for v in values]),
+                                (c_int64 * count)(*room), found) < 0:
+            raise MemoryError("observe_brackets: out of memory for its block buffers")
+        if all(f <= r for f, r in zip(found, room, strict=True)):
+            return [(counts[s], positions[s][: found[s]], values[s][: found[s]]) for s in range(count)]
+        room = [max(f, r) for f, r in zip(found, room, strict=True)]
 
 
 def _split(n: int, parts: int, cost: float) -> list[int]:

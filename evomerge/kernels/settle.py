@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from evomerge.kernels import fused
+from evomerge.kernels import fused, native
 from evomerge.kernels.bracket import Bracket, Settled, delta_magnitude, sample_positions
 from evomerge.kernels.histogram import HistogramBuilder, MagnitudeHistogram, impure_bounds
 from evomerge.kernels.select import StreamTopK
@@ -160,8 +160,14 @@ def exactly(live, raws: list[torch.Tensor], spans, dtypes) -> None:
 
 
 def observe(brackets, raws: list[torch.Tensor], spans, dtypes) -> None:
-    """The brackets' counting pass with one fused kernel per chunk (at most 8 brackets): counts, then the
-    positions flagged inside some bracket, then for each bracket its positions and their values."""
+    """The brackets' counting pass: by the native kernel on the CPU where it is available (one call),
+    else with one fused kernel per chunk (at most 8 brackets): counts, then the positions flagged inside
+    some bracket, then for each bracket its positions and their values."""
+    if native.supports(raws) and native.available() is None:
+        found = native.observe_brackets(raws, [i for i, _, _ in brackets], [b.bounds for _, _, b in brackets])
+        for (_, _, bracket), (counts, positions, values) in zip(brackets, found, strict=True):
+            bracket.add(counts, positions, values)
+        return
     count = len(raws) - 1
     device = raws[-1].device
     owners = tuple(i for i, _, _ in brackets)

@@ -190,3 +190,54 @@ int64_t count_ties(int64_t n, int32_t m, const void* const* xs, const int32_t* d
     free(buf);
     return 0;
 }
+
+/* The counting pass of brackets (kernels/bracket.py) for S selections: selection s orders |x_owner[s] - b|
+ * against its bracket [lo[s], hi[s]]: counts[4s .. 4s+3] = how many lie above hi, equal hi, equal lo, below
+ * lo; the positions and values of those strictly inside go to pos[s] and val[s], at most cap[s] of them,
+ * and found[s] says how many there were (more than cap[s]: call again with room). Returns -1 if out of
+ * memory, else 0. */
+int64_t observe_brackets(int64_t n, int32_t m, const void* const* xs, const int32_t* dts, int32_t S,
+                         const int32_t* owner, const float* lo, const float* hi, int64_t* counts,
+                         int64_t* const* pos, float* const* val, const int64_t* cap, int64_t* found) {
+    float* buf = malloc(sizeof(float) * BLK * 2);
+    if (!buf) return -1;
+    float *b = buf, *t = buf + BLK;
+    for (int s = 0; s < S; s++) {
+        found[s] = 0;
+        for (int c = 0; c < 4; c++) counts[4 * s + c] = 0;
+    }
+    for (int64_t s0 = 0; s0 < n; s0 += BLK) {
+        const int64_t len = n - s0 < BLK ? n - s0 : BLK;
+        load(xs[m], dts[m], s0, len, b);
+        for (int s = 0; s < S; s++) {
+            const int i = owner[s];
+            delta(xs[i], dts[i], s0, len, b, t, 0.0f, 1.0f, 1);
+            const float l = lo[s], h = hi[s];
+            int32_t above = 0, at_hi = 0, at_lo = 0, below = 0, inside = 0;
+            for (int64_t j = 0; j < len; j++) {
+                const float v = fabsf(t[j]);
+                above += v > h ? 1 : 0;
+                at_hi += v == h ? 1 : 0;
+                at_lo += v == l ? 1 : 0;
+                below += v < l ? 1 : 0;
+                inside += (v > l) & (v < h) ? 1 : 0;
+            }
+            counts[4 * s] += above;
+            counts[4 * s + 1] += at_hi;
+            counts[4 * s + 2] += at_lo;
+            counts[4 * s + 3] += below;
+            for (int64_t j = 0; inside && j < len; j++) {
+                const float v = fabsf(t[j]);
+                if (v > l && v < h) {
+                    if (found[s] < cap[s]) {
+                        pos[s][found[s]] = s0 + j;
+                        val[s][found[s]] = v;
+                    }
+                    found[s]++;
+                }
+            }
+        }
+    }
+    free(buf);
+    return 0;
+}

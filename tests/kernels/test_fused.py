@@ -228,6 +228,7 @@ def test_compile_failure_falls_back_to_eager_once(monkeypatch, caplog):
     monkeypatch.setattr(fused, "_kernels", {})
     monkeypatch.setattr(fused, "_disabled", None)
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: broken)
+    monkeypatch.setenv(native.ENV, "0")  # TIES would not call a compiled kernel otherwise
     m = get_method("ties")
     mps = [m.model_params(density=0.5)] * 2
     with caplog.at_level(logging.WARNING), pytest.raises(fused.Unavailable):

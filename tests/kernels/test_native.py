@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from evomerge.kernels import TensorContext, chunked, fused, get_method, native
+from evomerge.kernels.bracket import Bracket, delta_magnitude
 from evomerge.kernels.select import exact_count
 
 BLK = 256  # topk_merge.c's block
@@ -179,3 +180,17 @@ def test_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
         assert native.library() is not None
     assert len(builds) == 1 and builds[0].exists() and builds[0].parent == tmp_path / "native"
     assert [p.name for p in (tmp_path / "native").iterdir()] == [builds[0].name]  # no temporary left
+
+
+@pytest.mark.parametrize("lo,hi", [(0.0, 1.0), (1 / 128, 3 / 256), (2 / 256, 2 / 256), (0.5, 0.75)])
+def test_bracket_counting_pass_matches_eager_observe(lo, hi):
+    """Counts, positions and values as Bracket.observe gives them: with every entry inside (more than the
+    first guess of room), a narrow bracket, a single value, and a bracket above every value."""
+    raws = tied(20_000, 3, seed=7, dtype=torch.float32)
+    raws[1] = raws[1].to(torch.bfloat16).float() + 1e-5  # inexact magnitudes too
+    got = native.observe_brackets(raws, [0, 1, 2], [(lo, hi)] * 3)
+    for i, (counts, positions, values) in enumerate(got):
+        ref = Bracket.between(5, 20_000, lo, hi)
+        ref.observe(delta_magnitude(raws[i], raws[-1]), 0)
+        assert torch.equal(counts, ref._counts[0]) and torch.equal(positions, ref._positions[0])
+        assert torch.equal(values, ref._values[0])
