@@ -6,7 +6,7 @@
 Builds (once, cached under bench/.cache) a 135M-parameter Llama with SmolLM2-135M's shapes (random
 bf16 weights: throughput does not depend on the values) and two experts. Each (method, mode) runs in its
 own process, so peak RSS and compile latency are its own: eager (EVOMERGE_COMPILE=0) and compiled
-(EVOMERGE_COMPILE=1, fused kernels). A process merges --runs times: the first run includes compiling
+(EVOMERGE_COMPILE=1: fused kernels; TIES on the CPU: the native top-k kernel, kernels/native.py). A process merges --runs times: the first run includes compiling
 (reported separately as the time of the kernels' first calls), the warm time is the best of the others.
 Two paths per (method, mode):
 
@@ -15,7 +15,9 @@ Two paths per (method, mode):
 - in memory: the path a search takes to materialize a candidate into a resident model
   (search/evaluator.py): the sources are resident tensors on the device, every run's plan is built
   through one CheckpointCache (as the evaluator's are), and ``merge_tensor`` runs over all jobs, keeping
-  every output tensor in memory; nothing is written.
+  every output tensor in memory; nothing is written. Timed twice: with run_merge's compute threads (one
+  core less than the process has, 'in-mem Nt') and with every core, as the evaluator merges (and as the
+  memory copy runs).
 
 Densities change from run to run (DENSITIES), as a search's candidates do, so nothing a run settles for
 its own densities can serve the next. What does carry over is what a search keeps: the in-memory path
@@ -118,24 +120,29 @@ def one(method: str, device: str, runs: int) -> dict:
             plan.close()
         peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     compile_s = fused.stats["compile_s"]
-    memory, memory_threads = in_memory(recipe, device, runs)  # after the file merges: resident sources would count in their RSS
+    import torch
+
+    cores = torch.get_num_threads()
+    memory = {}  # after the file merges: resident sources would count in their RSS
+    for threads in sorted({max(1, cores - 1), cores}):
+        before = fused.stats["compile_s"]
+        seconds = in_memory(recipe, device, runs, threads)
+        memory[threads] = {"first": seconds[0], "warm": min(seconds[1:] or seconds),
+                           "compile": fused.stats["compile_s"] - before}
     copy = memcopy_rate(plan.input_bytes, device)  # same process, right after the merges (after peak RSS)
     largest = max(j.out.nbytes // j.out.dtype.itemsize * 4 for j in plan.jobs)  # float32 bytes
     return {"method": method, "first": seconds[0], "warm": min(seconds[1:] or seconds),
             "compile": compile_s, "kernels": fused.stats["kernels"],
-            "memory_first": memory[0], "memory_warm": min(memory[1:] or memory),
-            "memory_compile": fused.stats["compile_s"] - compile_s, "memory_threads": memory_threads,
+            "memory": memory,
             "input_bytes": plan.input_bytes, "model_bytes": plan.checkpoints[0].nbytes, "peak_rss": peaks[0],
             "peak_rss_all": peaks[-1], "rss_before": rss_before, "bound": (len(plan.checkpoints) + 2) * largest, "copy": copy}
 
 
-def in_memory(recipe, device: str, runs: int) -> tuple[list[float], int]:
-    """Seconds per in-memory merge (module docstring): resident sources, outputs kept, no files written.
-
-    With as many torch threads as run_merge computes with (one core less than the process has), so the
-    two paths differ in their I/O only: on a loaded machine, OpenMP threads on every core spin at each
-    barrier and time the machine's load instead of the merge.
-    """
+def in_memory(recipe, device: str, runs: int, threads: int) -> list[float]:
+    """Seconds per in-memory merge (module docstring) with ``threads`` torch threads: resident sources,
+    outputs kept, no files written. With run_merge's thread count, the two paths differ in their I/O only;
+    with every core, as a search's evaluator merges (on a loaded machine, OpenMP threads on every core spin
+    at each barrier and time the machine's load instead of the merge)."""
     import torch
 
     from evomerge.checkpoint.reader import CheckpointCache
@@ -147,8 +154,8 @@ def in_memory(recipe, device: str, runs: int) -> tuple[list[float], int]:
     checkpoints = CheckpointCache()
     plans = [build_plan(recipe(run), CACHE, checkpoints=checkpoints) for run in range(runs)]
     resident = [[t.to(device) for t in load_inputs(plans[0], job)] for job in plans[0].jobs]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads - 1))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
     seconds = []
     try:
         for plan in plans:
@@ -161,9 +168,9 @@ def in_memory(recipe, device: str, runs: int) -> tuple[list[float], int]:
             seconds.append(time.perf_counter() - start)
             del outputs
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(previous)
         checkpoints.close()
-    return seconds, max(1, threads - 1)
+    return seconds
 
 
 def sync(device: str) -> None:
@@ -261,8 +268,9 @@ def main() -> None:
           f"('compile', timed on their first calls), 'warm' is the best of the others; each process times "
           f"{copy_kind(args.device)} of the same {r0['input_bytes'] / 1e9:.2f} GB right after merging (best of 3)")
     print("paths: file->file = run_merge from page-cached checkpoints to a new checkpoint (fsync included); "
-          "in-memory = merge_tensor over all jobs from resident sources, outputs kept, no writes (a search's "
-          f"materialization), with run_merge's {r0.get('memory_threads', '?')} compute thread(s)")
+          "in-mem Nt = merge_tensor over all jobs from resident sources, outputs kept, no writes (a search's "
+          "materialization), with N torch threads: run_merge's compute threads, and every core (as the "
+          "evaluator merges and the copy runs)")
     print(f"densities (ties, dare_ties) change every run: {', '.join(map(str, DENSITIES[:args.runs]))}; file->file "
           "builds a fresh plan per run; in-memory plans share one CheckpointCache and declare repeated merges, so "
           "TIES's magnitude histograms are built in its first run and kept, as a search keeps them")
@@ -283,10 +291,10 @@ def main() -> None:
             line += (f" {r['peak_rss'] / 1e6:6.0f}MB {merge_rss / 1e6:7.0f}MB "
                      f"{merge_rss / r['model_bytes']:15.2f} {(r['peak_rss_all'] - r['rss_before']) / r['model_bytes']:9.2f}")
         print(line)
-        if "memory_warm" in r:
-            rate = r["input_bytes"] / r["memory_warm"]
-            print(f"{r['method']:18s} {r['mode']:8s} {'in-memory':10s} {r['memory_first']:7.2f} "
-                  f"{r['memory_compile']:9.2f} {r['memory_warm']:7.3f} {rate / 1e9:6.2f} {r['copy'] / 1e9:9.2f} "
+        for threads, mem in sorted((int(t), m) for t, m in r.get("memory", {}).items()):
+            rate = r["input_bytes"] / mem["warm"]
+            print(f"{r['method']:18s} {r['mode']:8s} {f'in-mem {threads}t':10s} {mem['first']:7.2f} "
+                  f"{mem['compile']:9.2f} {mem['warm']:7.3f} {rate / 1e9:6.2f} {r['copy'] / 1e9:9.2f} "
                   f"{rate / r['copy']:7.1%}")
 
 

@@ -65,14 +65,15 @@ def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device | str = "
     if job.copy:
         return raws[0].to(device)
     numel = math.prod(job.out.shape)
-    structure = _fused_structure(plan, job, raws) if numel >= fused.MIN_NUMEL else None
-    if structure is not None and fused.wanted(structure, numel, torch.device(device)):
-        out = _merge_fused(plan, job, raws, torch.device(device))
+    structure = _fused_structure(plan, job, raws)
+    dev = torch.device(device)
+    if structure is not None and (fused.wanted(structure, numel, dev) or chunked.native_wanted(structure, dev)):
+        out = _merge_fused(plan, job, raws, dev)
         if out is not None:
             return _stored(plan, job, out)
     start = time.perf_counter()
     out = _merge_eager(plan, job, device, raws, borrow)
-    if structure is not None:
+    if structure is not None and numel >= fused.MIN_NUMEL:
         fused.note_eager(structure, time.perf_counter() - start)
     return _stored(plan, job, out)
 

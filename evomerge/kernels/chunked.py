@@ -129,6 +129,15 @@ def fused_structure(pipe, dtypes: tuple[torch.dtype, ...], out_dtype: torch.dtyp
     return kind, type(pipe.consensus) is SignElection, len(dtypes) - 1, dtypes, out_dtype
 
 
+def native_wanted(structure: tuple, device: torch.device) -> bool:
+    """Whether a tensor of ``structure`` (``fused_structure``) is merged by the native top-k kernel on the
+    CPU (kernels/native.py) at any size: it has no per-structure compile latency to earn back. Not where
+    ``EVOMERGE_COMPILE=0`` keeps every merge eager."""
+    kind, _, _, dtypes, out_dtype = structure
+    return kind == "topk" and device.type == "cpu" and fused.mode() != "0" \
+        and all(d in native.DTYPES for d in (*dtypes, out_dtype)) and native.available() is None
+
+
 def run_fused(pipe: TaskVectorPipeline, raws: list[torch.Tensor], mps, gp, ctx: TensorContext, out: torch.Tensor,
               *, scale: float = 1.0, on_nonfinite: Callable[[int, int], None] | None = None,
               histograms: settle.HistogramStore | None = None) -> torch.Tensor:

@@ -41,6 +41,7 @@ ALL_TIES = 1 << 62  # ``wanted`` for a threshold whose ties are all kept
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 stats = {"calls": 0}  # calls of the native kernels (merges and counting passes) in this process
+_CPUS = os.cpu_count() or 1
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _why_not: str | None = None
@@ -129,7 +130,7 @@ def _threads() -> ThreadPoolExecutor:
     global _pool
     with _lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="evomerge-topk")
+            _pool = ThreadPoolExecutor(max_workers=_CPUS, thread_name_prefix="evomerge-topk")
         return _pool
 
 
@@ -153,7 +154,7 @@ def topk_merge(raws: list[torch.Tensor], out: torch.Tensor, weights: list[float]
     thr = (c_float * m)(*thresholds)
     want = (c_int64 * m)(*wanted)
     params = (c_float * 5)(*fp)
-    parts = max(1, min(torch.get_num_threads(), os.cpu_count() or 1, n // MIN_PER_THREAD))
+    parts = max(1, min(torch.get_num_threads(), _CPUS, n // MIN_PER_THREAD))
     counting = any(k > 0 for k in wanted)
     bounds = _split(n, parts, COUNT_COST * sum(k > 0 for k in wanted) / m if counting else 0.0)
 
