@@ -126,8 +126,8 @@ def one(method: str, device: str, runs: int) -> dict:
     memory = {}  # after the file merges: resident sources would count in their RSS
     for threads in sorted({max(1, cores - 1), cores}):
         before = fused.stats["compile_s"]
-        seconds = in_memory(recipe, device, runs, threads)
-        memory[threads] = {"first": seconds[0], "warm": min(seconds[1:] or seconds),
+        timed = in_memory(recipe, device, runs, threads)
+        memory[threads] = {"first": timed[0], "warm": min(timed[1:] or timed),
                            "compile": fused.stats["compile_s"] - before}
     copy = memcopy_rate(plan.input_bytes, device)  # same process, right after the merges (after peak RSS)
     largest = max(j.out.nbytes // j.out.dtype.itemsize * 4 for j in plan.jobs)  # float32 bytes

@@ -19,6 +19,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 KEYS = 1 << 15  # top-16-bit patterns of non-negative float32 values (NaN's lie above +inf's, 0x7F80)
@@ -64,22 +65,23 @@ class MagnitudeHistogram:
         self.n = int(counts.sum())
         self.keys = used.to(torch.int32)
         self.counts = counts[used]
-        self.at_or_above = self.counts.flip(0).cumsum(0).flip(0)  # magnitudes with key >= keys[j]
+        # minus the number of magnitudes with key >= keys[j]: ascending, for a binary search
+        self._minus_at_or_above = (-self.counts.flip(0).cumsum(0).flip(0)).numpy()
         self.impure = None if impure is None else impure.to(torch.int64).cpu()[used]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.counts, self.at_or_above, self.impure)
-                   if t is not None)
+        return self._minus_at_or_above.nbytes + sum(t.numel() * t.element_size() for t in (
+            self.keys, self.counts, self.impure) if t is not None)
 
     def locate(self, k: int) -> Located:
         """The key of the k-th largest magnitude (1 <= k <= n)."""
         if not 1 <= k <= self.n:
             raise ValueError(f"k must lie in [1, {self.n}], got {k}")
-        j = int(torch.nonzero(self.at_or_above >= k).max())
+        j = int(np.searchsorted(self._minus_at_or_above, -k, side="right")) - 1  # the last with >= k at or above
         count = int(self.counts[j])
         impure = 0 if self.impure is None else int(self.impure[j])
-        return Located(int(self.keys[j]), int(self.at_or_above[j]) - count, count, impure)
+        return Located(int(self.keys[j]), -int(self._minus_at_or_above[j]) - count, count, impure)
 
 
 class HistogramBuilder:
