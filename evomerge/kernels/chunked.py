@@ -241,17 +241,19 @@ def _combine_above(fp: list[float], sels, raws: list[torch.Tensor], spans, sign:
 def _merge_native(fp: list[float], weights: list[float], sels, raws: list[torch.Tensor], sign: bool,
                   flat: torch.Tensor, on_nonfinite) -> None:
     """The combining pass of settled top-k selections by the native kernel (kernels/native.py)."""
-    thresholds, wanted = [], []
+    thresholds, wanted, ties = [], [], []
     for row in sels:
         s = row[0] if row else None
         if s is None or s.trivial:
             thresholds.append(-1.0 if s is None or s.k > 0 else math.inf)  # keep all, or none
             wanted.append(0)
+            ties.append(0)
         else:  # ties of a zero threshold are kept: keeping a zero entry of a task vector changes nothing
             every = s.ties_wanted == s.ties_total or s.threshold == 0.0
             thresholds.append(s.threshold)
             wanted.append(native.ALL_TIES if every else s.ties_wanted)
-    for pos in native.topk_merge(raws, flat, weights, thresholds, wanted, fp[:5], sign):
+            ties.append(s.ties_total)
+    for pos in native.topk_merge(raws, flat, weights, thresholds, wanted, ties, fp[:5], sign):
         if on_nonfinite is not None:
             on_nonfinite(pos, pos + 1)
 

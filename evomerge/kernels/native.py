@@ -8,7 +8,7 @@ between cuts. Its arithmetic is theirs, in the same order, so results agree bit 
 The source is compiled on first use with the C compiler inductor uses too (``CC``, else cc or gcc; for
 this CPU: -march=native) into a cache keyed by the source, the flags and the CPU (``EVOMERGE_CACHE``,
 else ~/.cache/evomerge). Calls release the GIL: a tensor of at least 2 x MIN_PER_THREAD entries is split
-over torch.get_num_threads() threads, each range told how many ties came before it by a counting call.
+over torch.get_num_threads() threads (``topk_merge`` says how they agree on the ties).
 If the compiler is missing or fails, or ``EVOMERGE_NATIVE=0``, ``available()`` says why and the fused
 kernels are used instead.
 """
@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 ENV = "EVOMERGE_NATIVE"
 SOURCE = Path(__file__).with_name("topk_merge.c")
 FLAGS = ["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
-MIN_PER_THREAD = 1 << 21  # entries per thread at least: smaller tensors run on the calling thread (measured: bench/)
-COUNT_COST = 0.3  # counting one model's ties per entry, relative to merging an entry (measured: bench/)
+MIN_PER_THREAD = 1 << 21  # entries per thread at least: smaller tensors run on the calling thread (on the
+# 2-core bench machine, splitting 884K-entry tensors over 2 threads made in-memory TIES merges slower)
 ALL_TIES = 1 << 62  # ``wanted`` for a threshold whose ties are all kept
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -104,7 +104,7 @@ def library() -> ctypes.CDLL | None:
             return None
         i64, i32, ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
         lib.topk_merge.restype = i64
-        lib.topk_merge.argtypes = [i64, i32, ptr, ptr, ptr, i32, ptr, ptr, ptr, ptr, ptr, i32]
+        lib.topk_merge.argtypes = [i64, i32, ptr, ptr, ptr, i32, ptr, ptr, ptr, ptr, ptr, i32, i32]
         lib.count_ties.restype = i64
         lib.count_ties.argtypes = [i64, i32, ptr, ptr, ptr, ptr, ptr]
         lib.observe_brackets.restype = i64
@@ -135,43 +135,50 @@ def _threads() -> ThreadPoolExecutor:
 
 
 def topk_merge(raws: list[torch.Tensor], out: torch.Tensor, weights: list[float], thresholds: list[float],
-               wanted: list[int], fp: list[float], sign: bool) -> list[int]:
+               wanted: list[int], ties: list[int], fp: list[float], sign: bool) -> list[int]:
     """Merge flat ``raws`` (sources, then the base) into flat ``out``; returns the position of the first
-    non-finite result of each range of entries that has one (a range per thread). Model i keeps |t| > thresholds[i], and the first wanted[i] entries equal to it (ALL_TIES: all).
-    ``fp`` = [lam, divisor, scale, scale_on, normalize] as in fused.pipe_body."""
+    non-finite result of each range of entries that has one (a range per thread).
+
+    Model i keeps |t| > thresholds[i] and the first wanted[i] of the ties[i] entries equal to it (ALL_TIES:
+    every one). ``fp`` = [lam, divisor, scale, scale_on, normalize] as in fused.pipe_body. Split over
+    threads, the last range is walked from its end, dropping the ties past the last kept one, so two
+    threads need no count of the ties before a range; more threads count them for the middle ranges."""
     lib = library()
     if lib is None:
         raise RuntimeError(_why_not)
     stats["calls"] += 1
     m, n = len(raws) - 1, out.numel()
-    # keeping every tie is keeping what is above the float32 just below: no counting
-    thresholds = [float(np.nextafter(np.float32(t), np.float32(-np.inf))) if k >= ALL_TIES else t
-                  for t, k in zip(thresholds, wanted, strict=True)]
-    wanted = [0 if k >= ALL_TIES else k for k in wanted]
+    # keeping every tie is keeping what is above the float32 just below: nothing to count
+    every = [k >= ALL_TIES for k in wanted]
+    thresholds = [float(np.nextafter(np.float32(t), np.float32(-np.inf))) if e else t
+                  for t, e in zip(thresholds, every, strict=True)]
+    forward = [0 if e else k for k, e in zip(wanted, every, strict=True)]
+    backward = [ALL_TIES if e or k == 0 else t - k for k, t, e in zip(wanted, ties, every, strict=True)]
     c_float, c_int64 = ctypes.c_float, ctypes.c_int64
     dts = (ctypes.c_int32 * (m + 1))(*[DTYPES[r.dtype] for r in raws])
     w = (c_float * m)(*weights)
     thr = (c_float * m)(*thresholds)
-    want = (c_int64 * m)(*wanted)
     params = (c_float * 5)(*fp)
     parts = max(1, min(torch.get_num_threads(), _CPUS, n // MIN_PER_THREAD))
-    counting = any(k > 0 for k in wanted)
-    bounds = _split(n, parts, COUNT_COST * sum(k > 0 for k in wanted) / m if counting else 0.0)
+    bounds = [n * p // parts for p in range(parts + 1)]
 
     def pointers(a: int) -> ctypes.Array:
         return (ctypes.c_void_p * (m + 1))(*[r.data_ptr() + a * r.element_size() for r in raws])
 
     def count(p: int) -> list[int]:  # ties of each counting model in range p
-        ties = (c_int64 * m)()
-        if lib.count_ties(bounds[p + 1] - bounds[p], m, pointers(bounds[p]), dts, thr, want, ties) < 0:
+        found = (c_int64 * m)()
+        if lib.count_ties(bounds[p + 1] - bounds[p], m, pointers(bounds[p]), dts, thr,
+                          (c_int64 * m)(*forward), found) < 0:
             raise MemoryError("count_ties: out of memory for its block buffers")
-        return list(ties)
+        return list(found)
 
     def merge(p: int, before: list) -> list[int]:
+        last = p == parts - 1 and p > 0
         seen = [sum(c) for c in zip(*[f.result() for f in before], strict=True)] if before else [0] * m
         a, b = bounds[p], bounds[p + 1]
         first = lib.topk_merge(b - a, m, pointers(a), dts, out.data_ptr() + a * out.element_size(),
-                               DTYPES[out.dtype], params, w, thr, want, (c_int64 * m)(*seen), int(sign))
+                               DTYPES[out.dtype], params, w, thr, (c_int64 * m)(*(backward if last else forward)),
+                               (c_int64 * m)(*seen), int(sign), int(last))
         if first < 0:
             raise MemoryError("topk_merge: out of memory for its block buffers")
         return [a + first - 1] if first else []
@@ -180,9 +187,9 @@ def topk_merge(raws: list[torch.Tensor], out: torch.Tensor, weights: list[float]
         return merge(0, [])
     pool = _threads()
     # Counts go first in the queue, so a merge waiting for them never holds back a worker they need.
-    counts = [pool.submit(count, p) for p in range(parts - 1)] if counting else []
-    merges = [pool.submit(merge, p, counts[:p]) for p in range(parts)]
-    return [pos for f in merges for pos in f.result()]
+    counts = [pool.submit(count, p) for p in range(parts - 2)] if any(forward) else []
+    merges = [pool.submit(merge, p, counts[:p] if p < parts - 1 else []) for p in range(1, parts)]
+    return merge(0, []) + [pos for f in merges for pos in f.result()]  # the first range on this thread
 
 
 def observe_brackets(raws: list[torch.Tensor], owners: list[int], bounds: list[tuple[float, float]]) \
@@ -216,16 +223,3 @@ def observe_brackets(raws: list[torch.Tensor], owners: list[int], bounds: list[t
         if all(f <= r for f, r in zip(found, room, strict=True)):
             return [(counts[s], positions[s][: found[s]], values[s][: found[s]]) for s in range(count)]
         room = [max(f, r) for f, r in zip(found, room, strict=True)]
-
-
-def _split(n: int, parts: int, cost: float) -> list[int]:
-    """Range bounds over [0, n) giving every thread the same work when the thread of range p > 0 first counts
-    the ties of range p - 1 at ``cost`` per entry (relative to merging one)."""
-    sizes = [1.0]
-    for _ in range(1, parts):
-        sizes.append(max(0.1, 1.0 - cost * sizes[-1]))
-    total = sum(sizes)
-    bounds = [0]
-    for size in sizes[:-1]:
-        bounds.append(bounds[-1] + int(n * size / total))
-    return [*bounds, n]

@@ -39,23 +39,31 @@ static inline void load(const void* p, int32_t dt, int64_t s, int64_t len, float
     }
 }
 
-/* t = x - b over [s, s + len), then with count: returns how many |t| equal th; else t *= (|t| > th ? w : 0) */
+enum { COUNT, ABOVE, AT_LEAST };
+
+/* t = x - b over [s, s + len), then by mode: COUNT returns how many |t| equal th (t left as is); ABOVE
+ * and AT_LEAST sparsify and weight: t *= w where |t| > th (>= th), else 0 */
 #define DELTA_LOOP(LOAD)                                                                     \
-    if (count) {                                                                             \
+    if (mode == COUNT) {                                                                     \
         for (int64_t j = 0; j < len; j++) {                                                  \
             const float d = LOAD - b[j];                                                     \
             t[j] = d;                                                                        \
             c += fabsf(d) == th ? 1 : 0;                                                     \
         }                                                                                    \
-    } else {                                                                                 \
+    } else if (mode == ABOVE) {                                                              \
         for (int64_t j = 0; j < len; j++) {                                                  \
             const float d = LOAD - b[j];                                                     \
             t[j] = d * (fabsf(d) > th ? w : 0.0f);                                           \
         }                                                                                    \
+    } else {                                                                                 \
+        for (int64_t j = 0; j < len; j++) {                                                  \
+            const float d = LOAD - b[j];                                                     \
+            t[j] = d * (fabsf(d) >= th ? w : 0.0f);                                          \
+        }                                                                                    \
     }
 
 static inline int32_t delta(const void* p, int32_t dt, int64_t s, int64_t len, const float* restrict b,
-                            float* restrict t, float th, float w, int count) {
+                            float* restrict t, float th, float w, int mode) {
     int32_t c = 0;
     if (dt == BF16) {
         const uint16_t* restrict q = (const uint16_t*)p + s;
@@ -125,33 +133,50 @@ static inline __attribute__((always_inline)) int32_t combine(const int M, int64_
 }
 
 /* Merge entries [0, n) of the m sources xs[0..m-1] over the base xs[m] into out. fp = [lam, divisor,
- * scale, scale_on, normalize]; per model: w, thr, wanted; seen[i] (in and out): ties of model i before
- * entry 0. Returns 1 + the position of the first non-finite result, 0 if all are finite, -1 if out of memory. */
+ * scale, scale_on, normalize]; per model: w, thr, wanted and seen (in and out). Forward: ties are kept
+ * while fewer than wanted[i] were seen, counting from seen[i] (the ties before entry 0). Backward (the
+ * last range of a tensor, walked from its end): ties are dropped while fewer than wanted[i] were, counting
+ * from seen[i]: wanted[i] is how many of the tensor's ties lie past the last kept one. Returns 1 + the
+ * position of the first non-finite result, 0 if all are finite, -1 if out of memory. */
 int64_t topk_merge(int64_t n, int32_t m, const void* const* xs, const int32_t* dts, void* out, int32_t out_dt,
                    const float* fp, const float* w, const float* thr, const int64_t* wanted, int64_t* seen,
-                   int32_t sign) {
+                   int32_t sign, int32_t backward) {
     float* buf = malloc(sizeof(float) * BLK * (size_t)(m + 2));
     if (!buf) return -1;
     float *b = buf + (size_t)m * BLK, *r = b + BLK;
     int64_t first = 0;
-    for (int64_t s = 0; s < n; s += BLK) {
+    const int64_t blocks = (n + BLK - 1) / BLK;
+    for (int64_t q = 0; q < blocks; q++) {
+        const int64_t s = (backward ? blocks - 1 - q : q) * BLK;
         const int64_t len = n - s < BLK ? n - s : BLK;
         load(xs[m], dts[m], s, len, b);
         for (int i = 0; i < m; i++) {
             float* restrict t = buf + (size_t)i * BLK;
             const float th = thr[i], wi = w[i];
-            /* once every tie to keep is behind, delta keeps what is above on its own */
-            const int counting = seen[i] < wanted[i];
-            const int32_t ties = delta(xs[i], dts[i], s, len, b, t, th, wi, counting);
-            if (counting && seen[i] + ties <= wanted[i]) { /* every tie of the block is kept */
-                for (int64_t j = 0; j < len; j++) t[j] = t[j] * (fabsf(t[j]) >= th ? wi : 0.0f);
-                seen[i] += ties;
-            } else if (counting) { /* the kept ties stop in this block */
-                int64_t k = seen[i];
+            if (seen[i] >= wanted[i]) { /* forward: every tie to keep is behind; backward: every one to drop */
+                delta(xs[i], dts[i], s, len, b, t, th, wi, backward ? AT_LEAST : ABOVE);
+                continue;
+            }
+            const int32_t ties = delta(xs[i], dts[i], s, len, b, t, th, wi, COUNT);
+            if (seen[i] + ties <= wanted[i]) { /* every tie of the block is kept (forward) or dropped */
+                const int keep_ties = !backward;
                 for (int64_t j = 0; j < len; j++) {
                     const float a = fabsf(t[j]);
+                    t[j] = t[j] * ((keep_ties ? a >= th : a > th) ? wi : 0.0f);
+                }
+                seen[i] += ties;
+            } else { /* the kept ties stop in this block */
+                int64_t k = seen[i];
+                for (int64_t jj = 0; jj < len; jj++) {
+                    const int64_t j = backward ? len - 1 - jj : jj;
+                    const float a = fabsf(t[j]);
                     int keep = a > th;
-                    if (a == th) keep = k++ < wanted[i];
+                    if (a == th && backward) { /* dropped while fewer than wanted were */
+                        keep = k >= wanted[i];
+                        k += !keep;
+                    } else if (a == th) { /* kept while fewer than wanted were */
+                        keep = k++ < wanted[i];
+                    }
                     t[j] = t[j] * (keep ? wi : 0.0f);
                 }
                 seen[i] = k;
@@ -165,8 +190,8 @@ int64_t topk_merge(int64_t n, int32_t m, const void* const* xs, const int32_t* d
             case 4: bad = combine(4, len, buf, b, r, w, fp, sign); break;
             default: bad = combine(m, len, buf, b, r, w, fp, sign); break;
         }
-        for (int64_t j = 0; bad && !first && j < len; j++)
-            if ((r[j] - r[j]) != 0.0f) first = s + j + 1;
+        for (int64_t j = 0; bad && j < len; j++)
+            if ((r[j] - r[j]) != 0.0f && (!first || s + j + 1 < first)) first = s + j + 1;
         store(out, out_dt, s, len, r);
     }
     free(buf);
@@ -185,7 +210,7 @@ int64_t count_ties(int64_t n, int32_t m, const void* const* xs, const int32_t* d
         const int64_t len = n - s < BLK ? n - s : BLK;
         load(xs[m], dts[m], s, len, b);
         for (int i = 0; i < m; i++)
-            if (wanted[i] > 0) ties[i] += delta(xs[i], dts[i], s, len, b, t, thr[i], 1.0f, 1);
+            if (wanted[i] > 0) ties[i] += delta(xs[i], dts[i], s, len, b, t, thr[i], 1.0f, COUNT);
     }
     free(buf);
     return 0;
@@ -211,7 +236,7 @@ int64_t observe_brackets(int64_t n, int32_t m, const void* const* xs, const int3
         load(xs[m], dts[m], s0, len, b);
         for (int s = 0; s < S; s++) {
             const int i = owner[s];
-            delta(xs[i], dts[i], s0, len, b, t, 0.0f, 1.0f, 1);
+            delta(xs[i], dts[i], s0, len, b, t, 0.0f, 1.0f, COUNT);
             const float l = lo[s], h = hi[s];
             int32_t above = 0, at_hi = 0, at_lo = 0, below = 0, inside = 0;
             for (int64_t j = 0; j < len; j++) {
