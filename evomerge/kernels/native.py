@@ -220,6 +220,6 @@ def observe_brackets(raws: list[torch.Tensor], owners: list[int], bounds: list[t
                                 (ctypes.c_void_p * count)(*[v.data_ptr() for v in values]),
                                 (c_int64 * count)(*room), found) < 0:
             raise MemoryError("observe_brackets: out of memory for its block buffers")
-        if all(f <= r for f, r in zip(found, room, strict=True)):
+        if all(f < r for f, r in zip(found, room, strict=True)):
             return [(counts[s], positions[s][: found[s]], values[s][: found[s]]) for s in range(count)]
-        room = [max(f, r) for f, r in zip(found, room, strict=True)]
+        room = [max(f + 1, r) for f, r in zip(found, room, strict=True)]  # + 1: the kernel writes one past

@@ -218,9 +218,10 @@ int64_t count_ties(int64_t n, int32_t m, const void* const* xs, const int32_t* d
 
 /* The counting pass of brackets (kernels/bracket.py) for S selections: selection s orders |x_owner[s] - b|
  * against its bracket [lo[s], hi[s]]: counts[4s .. 4s+3] = how many lie above hi, equal hi, equal lo, below
- * lo; the positions and values of those strictly inside go to pos[s] and val[s], at most cap[s] of them,
- * and found[s] says how many there were (more than cap[s]: call again with room). Returns -1 if out of
- * memory, else 0. */
+ * lo; the positions and values of those strictly inside go to pos[s] and val[s], which have room for
+ * cap[s] entries, and found[s] says how many there were (at least cap[s]: call again with found[s] + 1 of
+ * room; a block's writes may reach one entry past its last one inside). Returns -1 if out of memory,
+ * else 0. */
 int64_t observe_brackets(int64_t n, int32_t m, const void* const* xs, const int32_t* dts, int32_t S,
                          const int32_t* owner, const float* lo, const float* hi, int64_t* counts,
                          int64_t* const* pos, float* const* val, const int64_t* cap, int64_t* found) {
@@ -251,16 +252,18 @@ int64_t observe_brackets(int64_t n, int32_t m, const void* const* xs, const int3
             counts[4 * s + 1] += at_hi;
             counts[4 * s + 2] += at_lo;
             counts[4 * s + 3] += below;
-            for (int64_t j = 0; inside && j < len; j++) {
-                const float v = fabsf(t[j]);
-                if (v > l && v < h) {
-                    if (found[s] < cap[s]) {
-                        pos[s][found[s]] = s0 + j;
-                        val[s][found[s]] = v;
-                    }
-                    found[s]++;
+            if (inside && found[s] + inside < cap[s]) { /* room for every write below, one past the last too */
+                int64_t f = found[s];
+                int64_t* restrict p = pos[s];
+                float* restrict q = val[s];
+                for (int64_t j = 0; j < len; j++) { /* branch-free: write each entry, advance past those inside */
+                    const float v = fabsf(t[j]);
+                    p[f] = s0 + j;
+                    q[f] = v;
+                    f += (v > l) & (v < h);
                 }
             }
+            found[s] += inside; /* more than cap[s]: the caller makes room and calls again */
         }
     }
     free(buf);
