@@ -213,16 +213,17 @@ def io_floor(device: str, runs: int) -> dict:
             "compile": 0.0, "kernels": 0, "input_bytes": plan.input_bytes, "copy": memcopy_rate(plan.input_bytes, device)}
 
 
-def memcopy_rate(nbytes: int, device: str) -> float:
-    """Bytes per second of one copy of ``nbytes`` from a buffer to another on ``device`` (best of 3): host
-    memory on CPU, device-to-device on CUDA."""
+def memcopy_rate(nbytes: int, device: str, repeats: int = 10) -> float:
+    """Bytes per second of one copy of ``nbytes`` from a buffer to another on ``device`` (best of
+    ``repeats``: on a shared machine one copy's rate varies by tens of percent): host memory on CPU,
+    device-to-device on CUDA."""
     import torch
 
     src = torch.ones(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
     best = float("inf")
-    for _ in range(3):
+    for _ in range(repeats):
         sync(device)
         start = time.perf_counter()
         dst.copy_(src)
@@ -244,7 +245,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties", "dare_ties"])
     ap.add_argument("--modes", nargs="+", choices=sorted(MODES), default=["eager", "compiled"],
                     help="eager: EVOMERGE_COMPILE=0; compiled: EVOMERGE_COMPILE=1 (fused kernels)")
-    ap.add_argument("--runs", type=int, default=3, help="merges per process: the first, then warm ones")
+    ap.add_argument("--runs", type=int, default=5, help="merges per process: the first, then warm ones")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -266,7 +267,7 @@ def main() -> None:
     print(f"device {args.device}; load average before / after: {load[0]:.2f} / {os.getloadavg()[0]:.2f}; "
           f"{args.runs} merges per process and path: 'first' includes compiling the fused kernels "
           f"('compile', timed on their first calls), 'warm' is the best of the others; each process times "
-          f"{copy_kind(args.device)} of the same {r0['input_bytes'] / 1e9:.2f} GB right after merging (best of 3)")
+          f"{copy_kind(args.device)} of the same {r0['input_bytes'] / 1e9:.2f} GB right after merging (best of 10)")
     print("paths: file->file = run_merge from page-cached checkpoints to a new checkpoint (fsync included); "
           "in-mem Nt = merge_tensor over all jobs from resident sources, outputs kept, no writes (a search's "
           "materialization), with N torch threads: run_merge's compute threads, and every core (as the "

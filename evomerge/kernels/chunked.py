@@ -162,6 +162,11 @@ def run_fused(pipe: TaskVectorPipeline, raws: list[torch.Tensor], mps, gp, ctx: 
     scaling = [float(scale), float(scale != 1.0)]
     flags = []
     coefficients = pipe.one_pass_coefficients(mps, gp) if pipe.elementwise else None
+    if coefficients is not None and native.supports(raws, flat) and native.available() is None:
+        for pos in native.ta_merge(raws, flat, [coefficients[0], *coefficients[1]], float(scale)):
+            if on_nonfinite is not None:
+                on_nonfinite(pos, pos + 1)
+        return out
     if coefficients is not None:
         ta = fused.kernel(("ta", count, dtypes, out.dtype), lambda: fused.ta_body(count), device)
         fp = torch.tensor([coefficients[0], *coefficients[1], *scaling], dtype=torch.float32, device=device)

@@ -1,16 +1,21 @@
-"""A C kernel for top-k (TIES) merges on the CPU, where the fused kernels would need passes of their own.
+"""C kernels for the CPU's hottest merges: top-k (TIES) selections and task arithmetic, one pass each.
 
-kernels/topk_merge.c sparsifies, elects signs and combines a tensor in one pass that also places where the
-kept ties of each threshold stop (the lowest positions win), counting them as it goes: the compiled
-kernels (kernels/fused.py) need a tie-counting pass before the combining one and a kernel call per piece
-between cuts. Its arithmetic is theirs, in the same order, so results agree bit for bit.
+kernels/native_merge.c:
+- ``topk_merge`` sparsifies, elects signs and combines a tensor in one pass that also places where the kept
+  ties of each threshold stop (the lowest positions win), counting them as it goes: the compiled kernels
+  (kernels/fused.py) need a tie-counting pass before the combining one and a kernel call per piece between
+  cuts;
+- ``ta_merge``: task arithmetic's one-pass form, without the per-call cost of a compiled kernel;
+- ``observe_brackets``: the counting pass of sampled brackets (kernels/bracket.py), gathering the entries
+  inside without a position mask.
+Their arithmetic is the compiled kernels', in the same order, so results agree bit for bit.
 
 The source is compiled on first use with the C compiler inductor uses too (``CC``, else cc or gcc; for
 this CPU: -march=native) into a cache keyed by the source, the flags and the CPU (``EVOMERGE_CACHE``,
 else ~/.cache/evomerge). Calls release the GIL: a tensor of at least 2 x MIN_PER_THREAD entries is split
-over torch.get_num_threads() threads (``topk_merge`` says how they agree on the ties).
-If the compiler is missing or fails, or ``EVOMERGE_NATIVE=0``, ``available()`` says why and the fused
-kernels are used instead.
+over torch.get_num_threads() threads (``topk_merge`` says how they agree on the ties). They run where the
+compiled kernels would (not under ``EVOMERGE_COMPILE=0``), and TIES at any tensor size. If the compiler is
+missing or fails, or ``EVOMERGE_NATIVE=0``, ``available()`` says why and the compiled kernels are used.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import torch
 log = logging.getLogger(__name__)
 
 ENV = "EVOMERGE_NATIVE"
-SOURCE = Path(__file__).with_name("topk_merge.c")
+SOURCE = Path(__file__).with_name("native_merge.c")
 FLAGS = ["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
 MIN_PER_THREAD = 1 << 21  # entries per thread at least: smaller tensors run on the calling thread (on the
 # 2-core bench machine, splitting 884K-entry tensors over 2 threads made in-memory TIES merges slower)
@@ -93,13 +98,13 @@ def library() -> ctypes.CDLL | None:
         if _lib is not None or _why_not is not None:
             return _lib
         digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_key().encode()).hexdigest()
-        target = cache_dir() / f"topk_merge-{digest[:16]}.so"
+        target = cache_dir() / f"native_merge-{digest[:16]}.so"
         try:
             if not target.exists():
                 _compile(target)
             lib = ctypes.CDLL(str(target))
         except (OSError, subprocess.SubprocessError) as e:
-            _why_not = f"the native top-k kernel is unavailable: {e}"
+            _why_not = f"the native kernels are unavailable: {e}"
             log.info("%s; using the compiled torch kernels", _why_not)
             return None
         i64, i32, ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
@@ -107,6 +112,8 @@ def library() -> ctypes.CDLL | None:
         lib.topk_merge.argtypes = [i64, i32, ptr, ptr, ptr, i32, ptr, ptr, ptr, ptr, ptr, i32, i32]
         lib.count_ties.restype = i64
         lib.count_ties.argtypes = [i64, i32, ptr, ptr, ptr, ptr, ptr]
+        lib.ta_merge.restype = i64
+        lib.ta_merge.argtypes = [i64, i32, ptr, ptr, ptr, i32, ptr, ctypes.c_float, i32]
         lib.observe_brackets.restype = i64
         lib.observe_brackets.argtypes = [i64, i32, ptr, ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
         _lib = lib
@@ -130,7 +137,7 @@ def _threads() -> ThreadPoolExecutor:
     global _pool
     with _lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=_CPUS, thread_name_prefix="evomerge-topk")
+            _pool = ThreadPoolExecutor(max_workers=_CPUS, thread_name_prefix="evomerge-native")
         return _pool
 
 
@@ -190,6 +197,35 @@ def topk_merge(raws: list[torch.Tensor], out: torch.Tensor, weights: list[float]
     counts = [pool.submit(count, p) for p in range(parts - 2)] if any(forward) else []
     merges = [pool.submit(merge, p, counts[:p] if p < parts - 1 else []) for p in range(1, parts)]
     return merge(0, []) + [pos for f in merges for pos in f.result()]  # the first range on this thread
+
+
+def ta_merge(raws: list[torch.Tensor], out: torch.Tensor, coefficients: list[float], scale: float) -> list[int]:
+    """Task arithmetic as fused.ta_body computes it, into flat ``out``: b c_0 + sum_i c_i x_i, then depth
+    scaling by ``scale``; split over threads for tensors of at least 2 x MIN_PER_THREAD entries. Returns
+    the position of the first non-finite result of each range that has one."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(_why_not)
+    stats["calls"] += 1
+    m, n = len(raws) - 1, out.numel()
+    dts = (ctypes.c_int32 * (m + 1))(*[DTYPES[r.dtype] for r in raws])
+    coef = (ctypes.c_float * (m + 1))(*coefficients)
+    parts = max(1, min(torch.get_num_threads(), _CPUS, n // MIN_PER_THREAD))
+    bounds = [n * p // parts for p in range(parts + 1)]
+
+    def merge(p: int) -> list[int]:
+        a, b = bounds[p], bounds[p + 1]
+        first = lib.ta_merge(b - a, m, (ctypes.c_void_p * (m + 1))(*[r.data_ptr() + a * r.element_size() for r in raws]),
+                             dts, out.data_ptr() + a * out.element_size(), DTYPES[out.dtype], coef, scale,
+                             int(scale != 1.0))
+        if first < 0:
+            raise MemoryError("ta_merge: out of memory for its block buffers")
+        return [a + first - 1] if first else []
+
+    if parts == 1:
+        return merge(0)
+    rest = [_threads().submit(merge, p) for p in range(1, parts)]
+    return merge(0) + [pos for f in rest for pos in f.result()]
 
 
 def observe_brackets(raws: list[torch.Tensor], owners: list[int], bounds: list[tuple[float, float]]) \

@@ -1,5 +1,5 @@
-"""The native top-k kernel (kernels/native.py): agreement with the eager kernels wherever the kept ties stop,
-over threads, dtypes and model counts; non-finite reports; building, caching and falling back."""
+"""The native kernels (kernels/native.py): TIES agreeing with the eager kernels wherever the kept ties stop,
+over threads, dtypes and model counts; task arithmetic; non-finite reports; building, caching and falling back."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from evomerge.kernels import TensorContext, chunked, fused, get_method, native
 from evomerge.kernels.bracket import Bracket, delta_magnitude
 from evomerge.kernels.select import exact_count
 
-BLK = 256  # topk_merge.c's block
+BLK = 256  # native_merge.c's block
 COMBINE_ABOVE = chunked._combine_above  # the compiled combining pass, before a fixture replaces it
 
 pytestmark = pytest.mark.skipif(native.available() is not None, reason=str(native.available()))
@@ -186,3 +186,40 @@ def test_bracket_counting_pass_matches_eager_observe(lo, hi):
         ref.observe(delta_magnitude(raws[i], raws[-1]), 0)
         assert torch.equal(counts, ref._counts[0]) and torch.equal(positions, ref._positions[0])
         assert torch.equal(values, ref._values[0])
+
+
+@pytest.mark.parametrize("dtype,out_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
+                                             (torch.float16, torch.float32)])
+def test_task_arithmetic_agrees_with_the_compiled_kernel(dtype, out_dtype, monkeypatch):
+    """One pass b c_0 + sum_i c_i x_i, then depth scaling: the compiled kernel's bits, on one thread or
+    split over two."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(9 * BLK + 5, generator=g)
+    raws = [(base + 0.01 * torch.randn(base.shape, generator=g)).to(dtype) for _ in range(3)] + [base.to(dtype)]
+    m = get_method("task_arithmetic")
+    mps = [m.model_params(weight=w) for w in (0.7, -0.2, 0.4)]
+    gp = m.global_params(lam=0.9)
+    fast = run(raws, mps, gp, method="task_arithmetic", scale=0.6, out_dtype=out_dtype)
+    monkeypatch.setenv(native.ENV, "0")
+    compiled = run(raws, mps, gp, method="task_arithmetic", scale=0.6, out_dtype=out_dtype)
+    assert torch.equal(fast, compiled)
+    monkeypatch.delenv(native.ENV)
+    monkeypatch.setattr(native, "MIN_PER_THREAD", 2 * BLK)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.equal(run(raws, mps, gp, method="task_arithmetic", scale=0.6, out_dtype=out_dtype), fast)
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(fast.float(), eager(raws, mps, gp, "task_arithmetic", 0.6, out_dtype).float(),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_task_arithmetic_reports_the_first_nonfinite_result():
+    raws = tied(4 * BLK, 2, seed=3)
+    raws[1][300] = float("inf")
+    raws[0][301] = float("nan")
+    m = get_method("task_arithmetic")
+    seen = []
+    run(raws, [m.model_params(weight=0.5)] * 2, method="task_arithmetic", on_nonfinite=lambda a, b: seen.append((a, b)))
+    assert seen == [(300, 301)]

@@ -1,4 +1,5 @@
-/* Top-k (TIES) merging of one tensor in a single pass over its inputs; built by evomerge/kernels/native.py.
+/* Merge kernels for the CPU, built and called by evomerge/kernels/native.py. First topk_merge: top-k (TIES)
+ * merging of one tensor in a single pass over its inputs.
  *
  * Inputs are the flat sources x_1..x_m and the base b (float32, bfloat16 or float16 each). For every
  * entry: t_i = x_i - b; keep t_i when |t_i| > thr_i, or when |t_i| == thr_i and fewer than wanted_i
@@ -268,4 +269,43 @@ int64_t observe_brackets(int64_t n, int32_t m, const void* const* xs, const int3
     }
     free(buf);
     return 0;
+}
+
+/* Task arithmetic in one pass, as fused.ta_body computes it: r = b * coef[0], then r = r + x_i * coef[1 + i]
+ * for each source, then (r - b) * scale + b when scale_on. Returns 1 + the position of the first
+ * non-finite result, 0 if all are finite, -1 if out of memory. */
+int64_t ta_merge(int64_t n, int32_t m, const void* const* xs, const int32_t* dts, void* out, int32_t out_dt,
+                 const float* coef, float scale, int32_t scale_on) {
+    float* buf = malloc(sizeof(float) * BLK * 2);
+    if (!buf) return -1;
+    float *b = buf, *r = buf + BLK;
+    int64_t first = 0;
+    for (int64_t s = 0; s < n; s += BLK) {
+        const int64_t len = n - s < BLK ? n - s : BLK;
+        load(xs[m], dts[m], s, len, b);
+        const float c0 = coef[0];
+        for (int64_t j = 0; j < len; j++) r[j] = b[j] * c0;
+        for (int i = 0; i < m; i++) {
+            const float c = coef[1 + i];
+            if (dts[i] == BF16) {
+                const uint16_t* restrict q = (const uint16_t*)xs[i] + s;
+                for (int64_t j = 0; j < len; j++) r[j] = r[j] + from_bf16(q[j]) * c;
+            } else if (dts[i] == F32) {
+                const float* restrict q = (const float*)xs[i] + s;
+                for (int64_t j = 0; j < len; j++) r[j] = r[j] + q[j] * c;
+            } else {
+                const _Float16* restrict q = (const _Float16*)xs[i] + s;
+                for (int64_t j = 0; j < len; j++) r[j] = r[j] + (float)q[j] * c;
+            }
+        }
+        if (scale_on)
+            for (int64_t j = 0; j < len; j++) r[j] = (r[j] - b[j]) * scale + b[j];
+        int32_t bad = 0;
+        for (int64_t j = 0; j < len; j++) bad += (r[j] - r[j]) != 0.0f ? 1 : 0; /* inf - inf and NaN are NaN */
+        for (int64_t j = 0; bad && !first && j < len; j++)
+            if ((r[j] - r[j]) != 0.0f) first = s + j + 1;
+        store(out, out_dt, s, len, r);
+    }
+    free(buf);
+    return first;
 }
