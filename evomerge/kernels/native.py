@@ -112,6 +112,8 @@ def library() -> ctypes.CDLL | None:
         lib.topk_merge.argtypes = [i64, i32, ptr, ptr, ptr, i32, ptr, ptr, ptr, ptr, ptr, i32, i32]
         lib.count_ties.restype = i64
         lib.count_ties.argtypes = [i64, i32, ptr, ptr, ptr, ptr, ptr]
+        lib.histogram_keys.restype = i64
+        lib.histogram_keys.argtypes = [i64, i32, ptr, ptr, i32, ptr, ptr, ptr, ptr, ptr]
         lib.ta_merge.restype = i64
         lib.ta_merge.argtypes = [i64, i32, ptr, ptr, ptr, i32, ptr, ctypes.c_float, i32]
         lib.observe_brackets.restype = i64
@@ -197,6 +199,30 @@ def topk_merge(raws: list[torch.Tensor], out: torch.Tensor, weights: list[float]
     counts = [pool.submit(count, p) for p in range(parts - 2)] if any(forward) else []
     merges = [pool.submit(merge, p, counts[:p] if p < parts - 1 else []) for p in range(1, parts)]
     return merge(0, []) + [pos for f in merges for pos in f.result()]  # the first range on this thread
+
+
+def histogram_keys(raws: list[torch.Tensor], models: tuple[int, ...]) -> list:
+    """fused.histogram_keys_body's outputs over flat ``raws`` (sources, then the base; at most 64 models),
+    as HistogramBuilder.add takes them: for each listed source, int16 keys, int16 marks, how many
+    magnitudes are impure, and the largest magnitude."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(_why_not)
+    stats["calls"] += 1
+    m, n, count = len(raws) - 1, raws[-1].numel(), len(models)
+    if count > 64:
+        raise ValueError(f"histogram_keys takes at most 64 sources at once, got {count}")
+    keys = [torch.empty(n, dtype=torch.int16) for _ in models]
+    marks = [torch.empty(n, dtype=torch.int16) for _ in models]
+    impure = (ctypes.c_int64 * count)()
+    largest = (ctypes.c_float * count)()
+    pointers = (ctypes.c_void_p * count)
+    if lib.histogram_keys(n, m, (ctypes.c_void_p * (m + 1))(*[r.data_ptr() for r in raws]),
+                          (ctypes.c_int32 * (m + 1))(*[DTYPES[r.dtype] for r in raws]), count,
+                          (ctypes.c_int32 * count)(*models), pointers(*[k.data_ptr() for k in keys]),
+                          pointers(*[k.data_ptr() for k in marks]), impure, largest) < 0:
+        raise MemoryError("histogram_keys: out of memory for its block buffers")
+    return [x for j in range(count) for x in (keys[j], marks[j], impure[j], largest[j])]
 
 
 def ta_merge(raws: list[torch.Tensor], out: torch.Tensor, coefficients: list[float], scale: float) -> list[int]:

@@ -309,3 +309,45 @@ int64_t ta_merge(int64_t n, int32_t m, const void* const* xs, const int32_t* dts
     free(buf);
     return first;
 }
+
+/* Histogram keys (kernels/histogram.py) of v = |x_owner[s] - b| (NaN as +inf) for S sources over [0, n):
+ * keys[s][j] = the top 16 bits of v's float32 pattern, marks[s][j] = 0x4000 where the low 16 bits are not
+ * all 0 (v is not a bfloat16 value: "impure") and 0 elsewhere; impure[s] counts those, largest[s] is the
+ * largest v. Returns -1 if out of memory, else 0. */
+int64_t histogram_keys(int64_t n, int32_t m, const void* const* xs, const int32_t* dts, int32_t S,
+                       const int32_t* owner, int16_t* const* keys, int16_t* const* marks, int64_t* impure,
+                       float* largest) {
+    float* buf = malloc(sizeof(float) * BLK * 2);
+    if (!buf) return -1;
+    float *b = buf, *t = buf + BLK;
+    uint32_t top[64];
+    for (int s = 0; s < S && s < 64; s++) top[s] = 0, impure[s] = 0;
+    for (int64_t s0 = 0; s0 < n; s0 += BLK) {
+        const int64_t len = n - s0 < BLK ? n - s0 : BLK;
+        load(xs[m], dts[m], s0, len, b);
+        for (int s = 0; s < S && s < 64; s++) {
+            const int i = owner[s];
+            delta(xs[i], dts[i], s0, len, b, t, 0.0f, 1.0f, COUNT);
+            int16_t* restrict k = keys[s] + s0;
+            int16_t* restrict mk = marks[s] + s0;
+            uint32_t hi = top[s];
+            int32_t inexact = 0;
+            for (int64_t j = 0; j < len; j++) {
+                float v = fabsf(t[j]);
+                v = v != v ? INFINITY : v;
+                uint32_t u;
+                memcpy(&u, &v, 4);
+                k[j] = (int16_t)(u >> 16);
+                const int low = (u & 0xFFFFu) != 0;
+                mk[j] = low ? (int16_t)0x4000 : (int16_t)0;
+                inexact += low;
+                hi = u > hi ? u : hi; /* non-negative floats order as their patterns */
+            }
+            top[s] = hi;
+            impure[s] += inexact;
+        }
+    }
+    for (int s = 0; s < S && s < 64; s++) memcpy(&largest[s], &top[s], 4);
+    free(buf);
+    return 0;
+}

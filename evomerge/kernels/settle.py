@@ -62,16 +62,20 @@ class HistogramStore:
 
 def by_histograms(live, raws: list[torch.Tensor], spans, dtypes, store: HistogramStore) -> None:
     """Settle the live top-k selections from each source's magnitude histogram (kernels/histogram.py), built
-    by one fused pass where ``store`` has none. A threshold equal to its bucket's value is exact at
+    by one pass (native, or a fused kernel) where ``store`` has none. A threshold equal to its bucket's value is exact at
     once; otherwise the bucket's impure members bound an exact bracket for one counting pass."""
     count = len(raws) - 1
     device = raws[-1].device
     models = sorted({i for i, _ in live})
     hists = {i: store.get(i) for i in models}
     missing = tuple(i for i in models if hists[i] is None)
-    if missing:
+    if missing and len(missing) <= 64 and native.supports(raws) and native.available() is None:
+        def keys(*chunk):
+            return native.histogram_keys(list(chunk), missing)
+    elif missing:
         keys = fused.kernel(("keys", count, dtypes, missing), lambda: fused.histogram_keys_body(count, missing),
                             device, exact_casts=True)
+    if missing:
         builders = [HistogramBuilder(device) for _ in missing]
         for a, b in spans:
             out = keys(*[r[a:b] for r in raws])

@@ -143,7 +143,10 @@ def test_a_tie_cut_one_past_a_chunk_start_runs_a_one_entry_piece(monkeypatch):
     assert float(out[chunk]) != float(out[chunk + 1])  # kept tie, then a dropped one
 
 
-def test_histogram_keys_kernel_truncates_like_bit_operations():
+@pytest.mark.parametrize("path", ["compiled", "native"])
+def test_histogram_keys_kernel_truncates_like_bit_operations(path):
+    if path == "native" and native.available() is not None:
+        pytest.skip(native.available())
     g = torch.Generator().manual_seed(1)
     spread = torch.rand(100_000, generator=g) * 10.0 ** torch.randint(-45, 38, (100_000,), generator=g).float()
     patterns = torch.arange(0, 0x7F80, 7, dtype=torch.int32) << 16
@@ -151,8 +154,18 @@ def test_histogram_keys_kernel_truncates_like_bit_operations():
     special = torch.tensor([0.0, 2.0 ** -126, 2.0 ** -127, 2.0 ** -133, 2.0 ** -149, 1.0, 3.4e38, float("inf"),
                             float("nan")])
     v = torch.cat([spread, *edges, special])
-    body = fused.kernel(("keys-test",), lambda: fused.histogram_keys_body(1, (0,)), "cpu", exact_casts=True)
-    key, mark, impure, largest = body(v, torch.zeros_like(v))
+    if path == "native":
+        key, mark, impure, largest = native.histogram_keys([v, torch.zeros_like(v)], (0,))
+        assert float(largest) == float("inf")
+        v = v[:-2]  # and without the infinite and NaN values: the largest finite one
+        assert native.histogram_keys([v, torch.zeros_like(v)], (0,))[3] == float(v.abs().max())
+        key, mark, impure, largest = native.histogram_keys([v.to(torch.float16)[:0], v.new_zeros(0)], (0,))
+        assert key.numel() == 0 and impure == 0
+        v = torch.cat([v, special[-2:]])
+        key, mark, impure, largest = native.histogram_keys([v, torch.zeros_like(v)], (0,))
+    else:
+        body = fused.kernel(("keys-test",), lambda: fused.histogram_keys_body(1, (0,)), "cpu", exact_casts=True)
+        key, mark, impure, largest = body(v, torch.zeros_like(v))
     clean = torch.where(torch.isnan(v), float("inf"), v.abs())  # NaN counts as +inf
     bits = clean.view(torch.int32)
     assert torch.equal(key.view(torch.int16), (bits >> 16).to(torch.int16))
