@@ -4,11 +4,11 @@ Each selection (a StreamTopK) needs its k-th largest task-vector magnitude over 
 values equal it, and, when only some of those are kept (lowest position first), where they stop (the tie
 cut). Three ways, all exact, all over the chunks of flat stored-dtype inputs:
 
-- ``by_brackets``: a sampled bracket (kernels/bracket.py) and one fused counting pass; what a sample misses
-  goes to ``exactly``;
+- ``by_brackets``: a sampled bracket (kernels/bracket.py) and one counting pass (native on the CPU, else a
+  fused kernel); what a sample misses goes to ``exactly``;
 - ``exactly``: two histogram passes (StreamTopK) with fused kernels computing the keys;
 - ``by_histograms``: kept magnitude histograms (kernels/histogram.py) where merges repeat, then
-  ``find_cuts``.
+  ``find_cuts`` unless the native kernel merges (it places the tie cuts as it goes).
 """
 
 from __future__ import annotations
@@ -62,8 +62,9 @@ class HistogramStore:
 
 def by_histograms(live, raws: list[torch.Tensor], spans, dtypes, store: HistogramStore) -> None:
     """Settle the live top-k selections from each source's magnitude histogram (kernels/histogram.py), built
-    by one pass (native, or a fused kernel) where ``store`` has none. A threshold equal to its bucket's value is exact at
-    once; otherwise the bucket's impure members bound an exact bracket for one counting pass."""
+    by one pass (native, or a fused kernel) where ``store`` has none. A threshold equal to its bucket's
+    value is exact at once; otherwise the bucket's impure members bound an exact bracket for one counting
+    pass."""
     count = len(raws) - 1
     device = raws[-1].device
     models = sorted({i for i, _ in live})
