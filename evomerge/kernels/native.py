@@ -46,7 +46,7 @@ ALL_TIES = 1 << 62  # ``wanted`` for a threshold whose ties are all kept
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 stats = {"calls": 0}  # calls of the native kernels (merges and counting passes) in this process
-_CPUS = os.cpu_count() or 1
+_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _why_not: str | None = None
@@ -67,6 +67,7 @@ def _cpu_key() -> str:
 
 
 def cache_dir() -> Path:
+    """Where built libraries are kept: $EVOMERGE_CACHE/native, else $XDG_CACHE_HOME (or ~/.cache)/evomerge/native."""
     root = os.environ.get("EVOMERGE_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "evomerge")
     return Path(root) / "native"
@@ -123,7 +124,7 @@ def library() -> ctypes.CDLL | None:
 
 
 def available() -> str | None:
-    """None when the native kernel can be used, else why not."""
+    """None when the native kernels can be used, else why not."""
     if os.environ.get(ENV, "").strip().lower() in ("0", "false", "off"):
         return f"turned off by {ENV}=0"
     return None if library() is not None else _why_not
