@@ -163,9 +163,7 @@ def run_fused(pipe: TaskVectorPipeline, raws: list[torch.Tensor], mps, gp, ctx: 
     flags = []
     coefficients = pipe.one_pass_coefficients(mps, gp) if pipe.elementwise else None
     if coefficients is not None and native.supports(raws, flat) and native.available() is None:
-        for pos in native.ta_merge(raws, flat, [coefficients[0], *coefficients[1]], float(scale)):
-            if on_nonfinite is not None:
-                on_nonfinite(pos, pos + 1)
+        _report(native.ta_merge(raws, flat, [coefficients[0], *coefficients[1]], float(scale)), on_nonfinite)
         return out
     if coefficients is not None:
         ta = fused.kernel(("ta", count, dtypes, out.dtype), lambda: fused.ta_body(count), device)
@@ -251,16 +249,29 @@ def _merge_native(fp: list[float], weights: list[float], sels, raws: list[torch.
         s = row[0] if row else None
         if s is None or s.trivial:
             thresholds.append(-1.0 if s is None or s.k > 0 else math.inf)  # keep all, or none
-            wanted.append(0)
-            ties.append(0)
-        else:  # ties of a zero threshold are kept: keeping a zero entry of a task vector changes nothing
-            every = s.ties_wanted == s.ties_total or s.threshold == 0.0
+        elif _keeps_every_tie(s):
+            thresholds.append(_below(s.threshold))
+        else:
             thresholds.append(s.threshold)
-            wanted.append(native.ALL_TIES if every else s.ties_wanted)
+            wanted.append(s.ties_wanted)
             ties.append(s.ties_total)
-    for pos in native.topk_merge(raws, flat, weights, thresholds, wanted, ties, fp[:5], sign):
-        if on_nonfinite is not None:
+            continue
+        wanted.append(0)
+        ties.append(0)
+    _report(native.topk_merge(raws, flat, weights, thresholds, wanted, ties, fp[:5], sign), on_nonfinite)
+
+
+def _report(positions: list[int], on_nonfinite) -> None:
+    """``on_nonfinite`` for each non-finite result a native kernel found (the first of each range)."""
+    if on_nonfinite is not None:
+        for pos in positions:
             on_nonfinite(pos, pos + 1)
+
+
+def _keeps_every_tie(s: StreamTopK) -> bool:
+    """Whether a settled, non-trivial selection keeps every value equal to its threshold. Ties of a zero
+    threshold are kept: keeping a zero entry of a task vector changes nothing."""
+    return s.ties_wanted == s.ties_total or s.threshold == 0.0
 
 
 def _below(x: float) -> float:
@@ -270,11 +281,10 @@ def _below(x: float) -> float:
 
 def _bound(s: StreamTopK, start: int, end: int) -> float:
     """The magnitude that entries of [start, end) must exceed to be kept by selection ``s``; the piece lies
-    wholly before or after the selection's tie cut. Ties of a zero threshold are kept: keeping a zero entry
-    of a task vector changes nothing."""
+    wholly before or after the selection's tie cut."""
     if s.trivial:
         return -1.0 if s.k > 0 else math.inf
-    if s.ties_wanted == s.ties_total or s.threshold == 0.0 or (s.cut is not None and end <= s.cut):
+    if _keeps_every_tie(s) or (s.cut is not None and end <= s.cut):
         return _below(s.threshold)
     return s.threshold
 

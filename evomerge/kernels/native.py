@@ -32,7 +32,6 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -42,7 +41,7 @@ SOURCE = Path(__file__).with_name("native_merge.c")
 FLAGS = ["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
 MIN_PER_THREAD = 1 << 21  # entries per thread at least: smaller tensors run on the calling thread (on the
 # 2-core bench machine, splitting 884K-entry tensors over 2 threads made in-memory TIES merges slower)
-ALL_TIES = 1 << 62  # ``wanted`` for a threshold whose ties are all kept
+ALL_TIES = 1 << 62  # a backward range's ``wanted`` when it drops every tie
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 stats = {"calls": 0}  # calls of the native kernels (merges and counting passes) in this process
@@ -144,60 +143,77 @@ def _threads() -> ThreadPoolExecutor:
         return _pool
 
 
+def _loaded() -> ctypes.CDLL:
+    """The library, for a call (counted in ``stats``); raises if it cannot be had."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(_why_not)
+    stats["calls"] += 1
+    return lib
+
+
+def _pointers(tensors: list[torch.Tensor], start: int = 0) -> ctypes.Array:
+    """The addresses of entry ``start`` of each flat tensor, as a C array."""
+    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() + start * t.element_size() for t in tensors])
+
+
+def _dtypes(tensors: list[torch.Tensor]) -> ctypes.Array:
+    return (ctypes.c_int32 * len(tensors))(*[DTYPES[t.dtype] for t in tensors])
+
+
+def _checked(code: int, name: str) -> int:
+    if code < 0:
+        raise MemoryError(f"{name}: out of memory for its block buffers")
+    return code
+
+
+def _ranges(n: int) -> list[int]:
+    """Bounds of the ranges [bounds[p], bounds[p + 1]) a tensor of ``n`` entries is split into, one per thread."""
+    parts = max(1, min(torch.get_num_threads(), _CPUS, n // MIN_PER_THREAD))
+    return [n * p // parts for p in range(parts + 1)]
+
+
 def topk_merge(raws: list[torch.Tensor], out: torch.Tensor, weights: list[float], thresholds: list[float],
                wanted: list[int], ties: list[int], fp: list[float], sign: bool) -> list[int]:
     """Merge flat ``raws`` (sources, then the base) into flat ``out``; returns the position of the first
     non-finite result of each range of entries that has one (a range per thread).
 
-    Model i keeps |t| > thresholds[i] and the first wanted[i] of the ties[i] entries equal to it (ALL_TIES:
-    every one). ``fp`` = [lam, divisor, scale, scale_on, normalize] as in fused.pipe_body. Split over
-    threads, the last range is walked from its end, dropping the ties past the last kept one, so two
-    threads need no count of the ties before a range; more threads count them for the middle ranges."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError(_why_not)
-    stats["calls"] += 1
-    m, n = len(raws) - 1, out.numel()
-    # keeping every tie is keeping what is above the float32 just below: nothing to count
-    every = [k >= ALL_TIES for k in wanted]
-    thresholds = [float(np.nextafter(np.float32(t), np.float32(-np.inf))) if e else t
-                  for t, e in zip(thresholds, every, strict=True)]
-    forward = [0 if e else k for k, e in zip(wanted, every, strict=True)]
-    backward = [ALL_TIES if e or k == 0 else t - k for k, t, e in zip(wanted, ties, every, strict=True)]
-    c_float, c_int64 = ctypes.c_float, ctypes.c_int64
-    dts = (ctypes.c_int32 * (m + 1))(*[DTYPES[r.dtype] for r in raws])
-    w = (c_float * m)(*weights)
-    thr = (c_float * m)(*thresholds)
-    params = (c_float * 5)(*fp)
-    parts = max(1, min(torch.get_num_threads(), _CPUS, n // MIN_PER_THREAD))
-    bounds = [n * p // parts for p in range(parts + 1)]
-
-    def pointers(a: int) -> ctypes.Array:
-        return (ctypes.c_void_p * (m + 1))(*[r.data_ptr() + a * r.element_size() for r in raws])
+    Model i keeps |t| > thresholds[i] and the first wanted[i] of the ties[i] entries equal to it (a
+    selection keeping every tie passes the float32 just below its threshold and wanted 0). ``fp`` = [lam,
+    divisor, scale, scale_on, normalize] as in fused.pipe_body. Split over threads, the last range is
+    walked from its end, dropping the ties past the last kept one, so two threads need no count of the ties
+    before a range; more threads count them for the middle ranges."""
+    lib = _loaded()
+    m = len(raws) - 1
+    backward = [ALL_TIES if k == 0 else t - k for k, t in zip(wanted, ties, strict=True)]
+    dts = _dtypes(raws)
+    w = (ctypes.c_float * m)(*weights)
+    thr = (ctypes.c_float * m)(*thresholds)
+    params = (ctypes.c_float * 5)(*fp)
+    bounds = _ranges(out.numel())
+    parts = len(bounds) - 1
+    counts_of = (ctypes.c_int64 * m)
 
     def count(p: int) -> list[int]:  # ties of each counting model in range p
-        found = (c_int64 * m)()
-        if lib.count_ties(bounds[p + 1] - bounds[p], m, pointers(bounds[p]), dts, thr,
-                          (c_int64 * m)(*forward), found) < 0:
-            raise MemoryError("count_ties: out of memory for its block buffers")
+        found = counts_of()
+        _checked(lib.count_ties(bounds[p + 1] - bounds[p], m, _pointers(raws, bounds[p]), dts, thr,
+                                counts_of(*wanted), found), "count_ties")
         return list(found)
 
     def merge(p: int, before: list) -> list[int]:
         last = p == parts - 1 and p > 0
         seen = [sum(c) for c in zip(*[f.result() for f in before], strict=True)] if before else [0] * m
         a, b = bounds[p], bounds[p + 1]
-        first = lib.topk_merge(b - a, m, pointers(a), dts, out.data_ptr() + a * out.element_size(),
-                               DTYPES[out.dtype], params, w, thr, (c_int64 * m)(*(backward if last else forward)),
-                               (c_int64 * m)(*seen), int(sign), int(last))
-        if first < 0:
-            raise MemoryError("topk_merge: out of memory for its block buffers")
+        first = _checked(lib.topk_merge(b - a, m, _pointers(raws, a), dts, _pointers([out], a)[0],
+                                        DTYPES[out.dtype], params, w, thr, counts_of(*(backward if last else wanted)),
+                                        counts_of(*seen), int(sign), int(last)), "topk_merge")
         return [a + first - 1] if first else []
 
     if parts == 1:
         return merge(0, [])
     pool = _threads()
     # Counts go first in the queue, so a merge waiting for them never holds back a worker they need.
-    counts = [pool.submit(count, p) for p in range(parts - 2)] if any(forward) else []
+    counts = [pool.submit(count, p) for p in range(parts - 2)] if any(wanted) else []
     merges = [pool.submit(merge, p, counts[:p] if p < parts - 1 else []) for p in range(1, parts)]
     return merge(0, []) + [pos for f in merges for pos in f.result()]  # the first range on this thread
 
@@ -206,10 +222,7 @@ def histogram_keys(raws: list[torch.Tensor], models: tuple[int, ...]) -> list:
     """fused.histogram_keys_body's outputs over flat ``raws`` (sources, then the base; at most 64 models),
     as HistogramBuilder.add takes them: for each listed source, int16 keys, int16 marks, how many
     magnitudes are impure, and the largest magnitude."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError(_why_not)
-    stats["calls"] += 1
+    lib = _loaded()
     m, n, count = len(raws) - 1, raws[-1].numel(), len(models)
     if count > 64:
         raise ValueError(f"histogram_keys takes at most 64 sources at once, got {count}")
@@ -217,12 +230,8 @@ def histogram_keys(raws: list[torch.Tensor], models: tuple[int, ...]) -> list:
     marks = [torch.empty(n, dtype=torch.int16) for _ in models]
     impure = (ctypes.c_int64 * count)()
     largest = (ctypes.c_float * count)()
-    pointers = (ctypes.c_void_p * count)
-    if lib.histogram_keys(n, m, (ctypes.c_void_p * (m + 1))(*[r.data_ptr() for r in raws]),
-                          (ctypes.c_int32 * (m + 1))(*[DTYPES[r.dtype] for r in raws]), count,
-                          (ctypes.c_int32 * count)(*models), pointers(*[k.data_ptr() for k in keys]),
-                          pointers(*[k.data_ptr() for k in marks]), impure, largest) < 0:
-        raise MemoryError("histogram_keys: out of memory for its block buffers")
+    _checked(lib.histogram_keys(n, m, _pointers(raws), _dtypes(raws), count, (ctypes.c_int32 * count)(*models),
+                                _pointers(keys), _pointers(marks), impure, largest), "histogram_keys")
     return [x for j in range(count) for x in (keys[j], marks[j], impure[j], largest[j])]
 
 
@@ -230,28 +239,19 @@ def ta_merge(raws: list[torch.Tensor], out: torch.Tensor, coefficients: list[flo
     """Task arithmetic as fused.ta_body computes it, into flat ``out``: b c_0 + sum_i c_i x_i, then depth
     scaling by ``scale``; split over threads for tensors of at least 2 x MIN_PER_THREAD entries. Returns
     the position of the first non-finite result of each range that has one."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError(_why_not)
-    stats["calls"] += 1
-    m, n = len(raws) - 1, out.numel()
-    dts = (ctypes.c_int32 * (m + 1))(*[DTYPES[r.dtype] for r in raws])
+    lib = _loaded()
+    m = len(raws) - 1
+    dts = _dtypes(raws)
     coef = (ctypes.c_float * (m + 1))(*coefficients)
-    parts = max(1, min(torch.get_num_threads(), _CPUS, n // MIN_PER_THREAD))
-    bounds = [n * p // parts for p in range(parts + 1)]
+    bounds = _ranges(out.numel())
 
     def merge(p: int) -> list[int]:
         a, b = bounds[p], bounds[p + 1]
-        first = lib.ta_merge(b - a, m, (ctypes.c_void_p * (m + 1))(*[r.data_ptr() + a * r.element_size() for r in raws]),
-                             dts, out.data_ptr() + a * out.element_size(), DTYPES[out.dtype], coef, scale,
-                             int(scale != 1.0))
-        if first < 0:
-            raise MemoryError("ta_merge: out of memory for its block buffers")
+        first = _checked(lib.ta_merge(b - a, m, _pointers(raws, a), dts, _pointers([out], a)[0], DTYPES[out.dtype],
+                                      coef, scale, int(scale != 1.0)), "ta_merge")
         return [a + first - 1] if first else []
 
-    if parts == 1:
-        return merge(0)
-    rest = [_threads().submit(merge, p) for p in range(1, parts)]
+    rest = [_threads().submit(merge, p) for p in range(1, len(bounds) - 1)]
     return merge(0) + [pos for f in rest for pos in f.result()]
 
 
@@ -261,14 +261,10 @@ def observe_brackets(raws: list[torch.Tensor], owners: list[int], bounds: list[t
     bracket s of source owners[s], (counts [above hi, equal hi, equal lo, below lo], positions, values) of
     |x - b| as ``Bracket.add`` takes them. The room for entries inside is guessed, and made exact by a
     second pass where the guess was short."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError(_why_not)
-    stats["calls"] += 1
+    lib = _loaded()
     m, n, count = len(raws) - 1, raws[-1].numel(), len(owners)
     c_int64, c_float = ctypes.c_int64, ctypes.c_float
-    dts = (ctypes.c_int32 * (m + 1))(*[DTYPES[r.dtype] for r in raws])
-    ptrs = (ctypes.c_void_p * (m + 1))(*[r.data_ptr() for r in raws])
+    dts, ptrs = _dtypes(raws), _pointers(raws)
     who = (ctypes.c_int32 * count)(*owners)
     lo = (c_float * count)(*[b[0] for b in bounds])
     hi = (c_float * count)(*[b[1] for b in bounds])
@@ -278,11 +274,8 @@ def observe_brackets(raws: list[torch.Tensor], owners: list[int], bounds: list[t
         values = [torch.empty(c, dtype=torch.float32) for c in room]
         counts = torch.zeros(count, 4, dtype=torch.int64)
         found = (c_int64 * count)()
-        if lib.observe_brackets(n, m, ptrs, dts, count, who, lo, hi, counts.data_ptr(),
-                                (ctypes.c_void_p * count)(*[p.data_ptr() for p in positions]),
-                                (ctypes.c_void_p * count)(*[v.data_ptr() for v in values]),
-                                (c_int64 * count)(*room), found) < 0:
-            raise MemoryError("observe_brackets: out of memory for its block buffers")
+        _checked(lib.observe_brackets(n, m, ptrs, dts, count, who, lo, hi, counts.data_ptr(), _pointers(positions),
+                                      _pointers(values), (c_int64 * count)(*room), found), "observe_brackets")
         if all(f < r for f, r in zip(found, room, strict=True)):
             return [(counts[s], positions[s][: found[s]], values[s][: found[s]]) for s in range(count)]
         room = [max(f + 1, r) for f, r in zip(found, room, strict=True)]  # + 1: the kernel writes one past

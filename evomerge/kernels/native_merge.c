@@ -1,5 +1,7 @@
-/* Merge kernels for the CPU, built and called by evomerge/kernels/native.py. First topk_merge: top-k (TIES)
- * merging of one tensor in a single pass over its inputs.
+/* Merge kernels for the CPU, built and called by evomerge/kernels/native.py: topk_merge (below), count_ties,
+ * observe_brackets, ta_merge and histogram_keys (each described where it is defined).
+ *
+ * topk_merge: top-k (TIES) merging of one tensor in a single pass over its inputs.
  *
  * Inputs are the flat sources x_1..x_m and the base b (float32, bfloat16 or float16 each). For every
  * entry: t_i = x_i - b; keep t_i when |t_i| > thr_i, or when |t_i| == thr_i and fewer than wanted_i
@@ -40,12 +42,14 @@ static inline void load(const void* p, int32_t dt, int64_t s, int64_t len, float
     }
 }
 
-enum { COUNT, ABOVE, AT_LEAST };
+enum { RAW, COUNT, ABOVE, AT_LEAST };
 
-/* t = x - b over [s, s + len), then by mode: COUNT returns how many |t| equal th (t left as is); ABOVE
- * and AT_LEAST sparsify and weight: t *= w where |t| > th (>= th), else 0 */
+/* t = x - b over [s, s + len), then by mode: RAW leaves it; COUNT also returns how many |t| equal th;
+ * ABOVE and AT_LEAST sparsify and weight: t *= w where |t| > th (>= th), else 0 */
 #define DELTA_LOOP(LOAD)                                                                     \
-    if (mode == COUNT) {                                                                     \
+    if (mode == RAW) {                                                                       \
+        for (int64_t j = 0; j < len; j++) t[j] = LOAD - b[j];                                \
+    } else if (mode == COUNT) {                                                              \
         for (int64_t j = 0; j < len; j++) {                                                  \
             const float d = LOAD - b[j];                                                     \
             t[j] = d;                                                                        \
@@ -133,6 +137,13 @@ static inline __attribute__((always_inline)) int32_t combine(const int M, int64_
     return bad;
 }
 
+/* 1 + the lowest position s + j of a non-finite r[j] in a block starting at s, or ``first`` if that is lower */
+static int64_t first_nonfinite(const float* r, int64_t len, int64_t s, int64_t first) {
+    for (int64_t j = 0; j < len && (!first || s + j + 1 < first); j++)
+        if ((r[j] - r[j]) != 0.0f) return s + j + 1; /* inf - inf and NaN - NaN are NaN */
+    return first;
+}
+
 /* Merge entries [0, n) of the m sources xs[0..m-1] over the base xs[m] into out. fp = [lam, divisor,
  * scale, scale_on, normalize]; per model: w, thr, wanted and seen (in and out). Forward: ties are kept
  * while fewer than wanted[i] were seen, counting from seen[i] (the ties before entry 0). Backward (the
@@ -191,8 +202,7 @@ int64_t topk_merge(int64_t n, int32_t m, const void* const* xs, const int32_t* d
             case 4: bad = combine(4, len, buf, b, r, w, fp, sign); break;
             default: bad = combine(m, len, buf, b, r, w, fp, sign); break;
         }
-        for (int64_t j = 0; bad && j < len; j++)
-            if ((r[j] - r[j]) != 0.0f && (!first || s + j + 1 < first)) first = s + j + 1;
+        if (bad) first = first_nonfinite(r, len, s, first);
         store(out, out_dt, s, len, r);
     }
     free(buf);
@@ -238,7 +248,7 @@ int64_t observe_brackets(int64_t n, int32_t m, const void* const* xs, const int3
         load(xs[m], dts[m], s0, len, b);
         for (int s = 0; s < S; s++) {
             const int i = owner[s];
-            delta(xs[i], dts[i], s0, len, b, t, 0.0f, 1.0f, COUNT);
+            delta(xs[i], dts[i], s0, len, b, t, 0.0f, 1.0f, RAW);
             const float l = lo[s], h = hi[s];
             int32_t above = 0, at_hi = 0, at_lo = 0, below = 0, inside = 0;
             for (int64_t j = 0; j < len; j++) {
@@ -302,8 +312,7 @@ int64_t ta_merge(int64_t n, int32_t m, const void* const* xs, const int32_t* dts
             for (int64_t j = 0; j < len; j++) r[j] = (r[j] - b[j]) * scale + b[j];
         int32_t bad = 0;
         for (int64_t j = 0; j < len; j++) bad += (r[j] - r[j]) != 0.0f ? 1 : 0; /* inf - inf and NaN are NaN */
-        for (int64_t j = 0; bad && !first && j < len; j++)
-            if ((r[j] - r[j]) != 0.0f) first = s + j + 1;
+        if (bad) first = first_nonfinite(r, len, s, first);
         store(out, out_dt, s, len, r);
     }
     free(buf);
@@ -327,7 +336,7 @@ int64_t histogram_keys(int64_t n, int32_t m, const void* const* xs, const int32_
         load(xs[m], dts[m], s0, len, b);
         for (int s = 0; s < S && s < 64; s++) {
             const int i = owner[s];
-            delta(xs[i], dts[i], s0, len, b, t, 0.0f, 1.0f, COUNT);
+            delta(xs[i], dts[i], s0, len, b, t, 0.0f, 1.0f, RAW);
             int16_t* restrict k = keys[s] + s0;
             int16_t* restrict mk = marks[s] + s0;
             uint32_t hi = top[s];
